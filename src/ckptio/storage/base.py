@@ -1,0 +1,241 @@
+"""The byte-oriented storage interface every other layer of ckptio is built on.
+
+A :class:`Storage` is rooted at a URL (``s3://bucket/run``) or a local
+directory; every method takes a *key* relative to that root, written with ``/``
+whatever the platform (see :func:`join`). Keys never escape the root.
+
+Guarantees every backend keeps:
+
+* Writes are atomic per object: a reader sees the old object or the new one,
+  never a partial one. :meth:`Storage.write_bytes` publishes in one step;
+  :meth:`Storage.open_writer` streams and publishes only on a successful
+  ``commit`` (a multipart upload on object stores, a temp file renamed into
+  place on local disk), leaving nothing visible if the writer fails or the
+  process dies.
+* Listings are read from the backend each time, never from a cache.
+* Failures surface as :mod:`ckptio.errors` exceptions naming the full URL.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+
+from ckptio.errors import InvalidArgumentError
+
+__all__ = ["ObjectInfo", "Storage", "StreamWriter", "join", "normalize_key"]
+
+
+def join(*parts: str) -> str:
+    """Join key parts with ``/`` (never ``os.path.join``), dropping empty parts."""
+    cleaned = [p.strip("/") for p in parts if p and p.strip("/")]
+    return "/".join(cleaned)
+
+
+def normalize_key(key: str) -> str:
+    """Return ``key`` in canonical form, refusing keys that leave the root.
+
+    Raises:
+        InvalidArgumentError: the key is absolute, has a scheme, or climbs out
+            of the root with ``..``.
+    """
+    if "://" in key:
+        raise InvalidArgumentError(f"storage key {key!r} must be relative, not a URL")
+    if key.startswith("/") or "\\" in key:
+        raise InvalidArgumentError(f"storage key {key!r} must be a relative POSIX key")
+    parts = [p for p in key.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise InvalidArgumentError(f"storage key {key!r} must not contain '..'")
+    return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """Size in bytes and modification time (seconds since the epoch, UTC) of an object."""
+
+    key: str
+    size: int
+    mtime: float | None
+
+
+class StreamWriter(ABC):
+    """A streaming writer that publishes its object only on :meth:`commit`.
+
+    Used as a context manager it commits on a clean exit and aborts when the
+    block raises, so a failed write never leaves a visible object and never
+    disturbs the previous object of that name.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.bytes_written = 0
+        self._closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append ``data``; nothing is visible to readers until :meth:`commit`."""
+        if self._closed:
+            raise ValueError(f"write to closed writer for {self.url}")
+        n = self._write(memoryview(data).cast("B"))
+        self.bytes_written += n
+        return n
+
+    def commit(self) -> None:
+        """Publish the object atomically. Raises if publishing failed; nothing is published then."""
+        if self._closed:
+            return
+        self._closed = True
+        self._commit()
+
+    def abort(self) -> None:
+        """Discard everything written. Safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        self._abort()
+
+    @abstractmethod
+    def _write(self, data: memoryview) -> int: ...
+
+    @abstractmethod
+    def _commit(self) -> None: ...
+
+    @abstractmethod
+    def _abort(self) -> None: ...
+
+    def __enter__(self) -> StreamWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class Storage(ABC):
+    """A root URL and byte-level operations on the objects below it."""
+
+    #: fsspec protocol of the backend ("file", "s3", "gcs", "memory", ...).
+    protocol: str
+
+    @property
+    @abstractmethod
+    def url(self) -> str:
+        """The root URL (or local path) this storage is rooted at."""
+
+    def url_of(self, key: str) -> str:
+        """Full URL of ``key``, for messages and for reopening elsewhere."""
+        key = normalize_key(key)
+        return f"{self.url.rstrip('/')}/{key}" if key else self.url
+
+    @abstractmethod
+    def child(self, key: str) -> Storage:
+        """A storage rooted at ``key`` below this one, sharing the same connection."""
+
+    # -- writing -----------------------------------------------------------
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """Write a whole object atomically, replacing any previous one."""
+
+    @abstractmethod
+    def open_writer(self, key: str) -> StreamWriter:
+        """Open a streaming writer that publishes ``key`` only on commit."""
+
+    @abstractmethod
+    def create_exclusive(self, key: str, data: bytes) -> None:
+        """Write ``key`` only if it does not exist yet.
+
+        Raises:
+            ObjectExistsError: the object already exists.
+        """
+
+    # -- reading -----------------------------------------------------------
+    @abstractmethod
+    def read_bytes(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Read a whole object, or the byte range ``[start, end)`` of it.
+
+        Raises:
+            ObjectNotFoundError: the object does not exist.
+        """
+
+    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Read several ``[start, end)`` ranges of one object, concurrently where it helps."""
+        if len(ranges) <= 1:
+            return [self.read_bytes(key, s, e) for s, e in ranges]
+        with ThreadPoolExecutor(max_workers=min(8, len(ranges))) as pool:
+            return list(pool.map(lambda r: self.read_bytes(key, r[0], r[1]), ranges))
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether an object ``key`` exists (prefixes with objects below count too)."""
+
+    @abstractmethod
+    def is_file(self, key: str) -> bool:
+        """Whether ``key`` is an object (not a prefix)."""
+
+    @abstractmethod
+    def info(self, key: str) -> ObjectInfo:
+        """Size and modification time of object ``key``.
+
+        Raises:
+            ObjectNotFoundError: the object does not exist.
+        """
+
+    def size(self, key: str) -> int:
+        """Size in bytes of object ``key``."""
+        return self.info(key).size
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Names of the immediate children (objects and sub-prefixes) of ``prefix``, sorted.
+
+        A missing prefix lists as empty. In-flight temporary objects are never listed.
+        """
+
+    @abstractmethod
+    def walk(self, prefix: str = "") -> list[str]:
+        """Keys of every object below ``prefix``, relative to ``prefix``, sorted."""
+
+    # -- deleting ----------------------------------------------------------
+    @abstractmethod
+    def delete(self, key: str, *, missing_ok: bool = True) -> None:
+        """Delete one object."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete every object below ``prefix`` (the prefix itself included on local disk)."""
+
+    # -- local access ------------------------------------------------------
+    def local_path(self, key: str = "") -> str | None:
+        """The real file path of ``key`` when it lives on local disk, else None."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+@contextmanager
+def writing(storage: Storage, key: str) -> Iterator[StreamWriter]:
+    """Context manager over :meth:`Storage.open_writer`: commit on success, abort on error."""
+    writer = storage.open_writer(key)
+    try:
+        yield writer
+    except BaseException:
+        writer.abort()
+        raise
+    writer.commit()
+
+
+def parent_key(key: str) -> str:
+    """The key of the prefix that holds ``key`` ("" at the root)."""
+    return posixpath.dirname(normalize_key(key))

@@ -1,0 +1,284 @@
+"""Storage on any fsspec filesystem: S3, GCS, memory, and every other protocol.
+
+Streaming writes use the backend's own resumable or multipart upload where it
+has one (S3, GCS): the object appears only when the upload completes, and an
+aborted or killed writer leaves nothing visible. Other filesystems spool the
+stream to a local temporary file and upload it in one step on commit.
+
+Listings bypass fsspec's directory cache (``use_listings_cache=False``, plus
+an explicit invalidation before each listing), so a file written or deleted by
+another process is seen at once.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from typing import IO, Any, TypeVar
+
+import fsspec
+
+from ckptio.errors import ObjectExistsError, ObjectNotFoundError
+from ckptio.storage.base import ObjectInfo, Storage, StreamWriter, normalize_key
+from ckptio.storage.retry import translate_error
+
+__all__ = ["FsspecStorage"]
+
+T = TypeVar("T")
+
+#: Protocols whose ``open(path, "wb")`` publishes only on a completed upload.
+_UPLOADING_PROTOCOLS = {"s3", "s3a", "gs", "gcs"}
+#: Default part size of streaming uploads (a multiple of 256 KiB for GCS, >= 5 MiB for S3).
+DEFAULT_BLOCK_SIZE = 16 * 2**20
+_memory_create_lock = threading.Lock()
+
+
+def _as_epoch(value: Any) -> float | None:
+    """Seconds since the epoch from the many ways backends report modification times."""
+    if value is None:
+        return None
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.timezone.utc)
+        return value.timestamp()
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return _as_epoch(_dt.datetime.fromisoformat(value.replace("Z", "+00:00")))
+        except ValueError:
+            return None
+    return None
+
+
+class _UploadWriter(StreamWriter):
+    """Streams through the backend's multipart/resumable upload; discards it on abort."""
+
+    def __init__(self, file: Any, url: str) -> None:
+        super().__init__(url)
+        self._file = file
+
+    def _write(self, data: memoryview) -> int:
+        try:
+            return int(self._file.write(data))
+        except Exception as exc:
+            self.abort()
+            raise translate_error(exc, self.url, "write") from exc
+
+    def _commit(self) -> None:
+        try:
+            self._file.close()
+        except Exception as exc:
+            self._discard()
+            raise translate_error(exc, self.url, "publish") from exc
+
+    def _abort(self) -> None:
+        self._discard()
+
+    def _discard(self) -> None:
+        try:
+            self._file.discard()
+        except Exception:  # noqa: BLE001 - best effort; an unfinished upload is invisible anyway
+            pass
+        # Mark closed so that garbage collection does not "close" (publish) the upload.
+        self._file.closed = True
+
+
+class _SpooledWriter(StreamWriter):
+    """Spools to a local temporary file and uploads it in one step on commit."""
+
+    def __init__(self, storage: FsspecStorage, key: str) -> None:
+        super().__init__(storage.url_of(key))
+        self._storage = storage
+        self._key = key
+        self._tmp: IO[bytes] = tempfile.TemporaryFile()
+
+    def _write(self, data: memoryview) -> int:
+        return self._tmp.write(data)
+
+    def _commit(self) -> None:
+        try:
+            self._tmp.seek(0)
+            self._storage.write_bytes(self._key, self._tmp.read())
+        finally:
+            self._tmp.close()
+
+    def _abort(self) -> None:
+        self._tmp.close()
+
+
+class FsspecStorage(Storage):
+    """A :class:`Storage` over an fsspec filesystem instance."""
+
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        root: str,
+        *,
+        protocol: str,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> None:
+        self.fs = fs
+        self.protocol = protocol
+        # Keep the filesystem's own form of the root ("bucket/run"; "/run" for memory).
+        self._root = root.rstrip("/")
+        self.block_size = block_size
+
+    @property
+    def url(self) -> str:
+        return f"{self.protocol}://{self._root.lstrip('/')}"
+
+    def _path(self, key: str) -> str:
+        key = normalize_key(key)
+        return f"{self._root}/{key}" if key else self._root
+
+    def _call(self, key: str, action: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - the one place backend errors are translated
+            raise translate_error(exc, self.url_of(key), action) from exc
+
+    def child(self, key: str) -> FsspecStorage:
+        return FsspecStorage(self.fs, self._path(key), protocol=self.protocol, block_size=self.block_size)
+
+    # -- writing -----------------------------------------------------------
+    def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        payload = bytes(data)
+        self._call(key, "write", lambda: self.fs.pipe_file(self._path(key), payload))
+
+    def open_writer(self, key: str) -> StreamWriter:
+        if self.protocol not in _UPLOADING_PROTOCOLS:
+            return _SpooledWriter(self, key)
+        path = self._path(key)
+        file = self._call(key, "open writer for", lambda: self.fs.open(path, "wb", block_size=self.block_size))
+        return _UploadWriter(file, self.url_of(key))
+
+    def create_exclusive(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+
+        def create() -> None:
+            if self.protocol == "memory":
+                with _memory_create_lock:  # the memory store is per process: a lock makes it exclusive
+                    if self.fs.exists(path):
+                        raise FileExistsError(path)
+                    self.fs.pipe_file(path, data)
+            else:
+                self.fs.pipe_file(path, data, mode="create")
+
+        try:
+            self._call(key, "create", create)
+        except ObjectExistsError:
+            raise
+        except FileExistsError as exc:
+            raise ObjectExistsError(exc.errno, str(exc)) from exc
+
+    # -- reading -----------------------------------------------------------
+    def read_bytes(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        path = self._path(key)
+        if start is not None and end is not None and end <= start:
+            return b""
+        return self._call(key, "read", lambda: bytes(self.fs.cat_file(path, start=start, end=end)))
+
+    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        if not ranges:
+            return []
+        path = self._path(key)
+        starts = [s for s, _ in ranges]
+        ends = [e for _, e in ranges]
+
+        def read() -> list[bytes]:
+            chunks = self.fs.cat_ranges([path] * len(ranges), starts, ends, on_error="raise")
+            for chunk in chunks:
+                if isinstance(chunk, BaseException):
+                    raise chunk
+            return [bytes(c) for c in chunks]
+
+        return self._call(key, "read", read)
+
+    def exists(self, key: str) -> bool:
+        path = self._path(key)
+        self.fs.invalidate_cache(path)
+        return bool(self._call(key, "check", lambda: self.fs.exists(path)))
+
+    def is_file(self, key: str) -> bool:
+        path = self._path(key)
+        self.fs.invalidate_cache(path)
+        return bool(self._call(key, "check", lambda: self.fs.isfile(path)))
+
+    def info(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        self.fs.invalidate_cache(path)
+        details = self._call(key, "stat", lambda: self.fs.info(path))
+        if details.get("type") == "directory":
+            raise ObjectNotFoundError(2, f"cannot stat {self.url_of(key)!r}: not an object")
+        mtime = None
+        for field in ("LastModified", "updated", "mtime", "modified", "created"):
+            mtime = _as_epoch(details.get(field))
+            if mtime is not None:
+                break
+        return ObjectInfo(key=normalize_key(key), size=int(details.get("size") or 0), mtime=mtime)
+
+    def list(self, prefix: str = "") -> list[str]:
+        path = self._path(prefix)
+        self.fs.invalidate_cache(path)
+
+        def ls() -> list[str]:
+            try:
+                entries = self.fs.ls(path, detail=False, refresh=True)
+            except FileNotFoundError:
+                return []
+            names = {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries}
+            names.discard("")
+            # Some stores list a directory marker for the prefix itself.
+            return sorted(n for n in names if f"{path}/{n}".strip("/") != path)
+
+        return self._call(prefix, "list", ls)
+
+    def walk(self, prefix: str = "") -> list[str]:
+        path = self._path(prefix)
+        self.fs.invalidate_cache(path)
+
+        def find() -> list[str]:
+            try:
+                found = self.fs.find(path, withdirs=False)
+            except FileNotFoundError:
+                return []
+            strip = len(path) + 1 if path else 0
+            return sorted(str(p)[strip:] for p in found if str(p) != path)
+
+        return self._call(prefix, "list", find)
+
+    # -- deleting ----------------------------------------------------------
+    def delete(self, key: str, *, missing_ok: bool = True) -> None:
+        path = self._path(key)
+
+        def rm() -> None:
+            # Object stores delete missing keys silently: check first when the caller cares.
+            if not missing_ok and not self.fs.exists(path):
+                raise FileNotFoundError(path)
+            try:
+                self.fs.rm_file(path)
+            except FileNotFoundError:
+                if not missing_ok:
+                    raise
+            self.fs.invalidate_cache(path)
+
+        self._call(key, "delete", rm)
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = self.walk(prefix)
+        if not keys:
+            return
+        base = self._path(prefix)
+        paths = [f"{base}/{k}" for k in keys]
+
+        def rm() -> None:
+            try:
+                self.fs.rm(paths)
+            except FileNotFoundError:
+                pass
+            self.fs.invalidate_cache(base)
+
+        self._call(prefix, "delete", rm)

@@ -1,0 +1,204 @@
+"""Local-disk storage: atomic writes by temp file, fsync and ``os.replace``.
+
+Every write goes to a temporary file *beside* its target (the same directory,
+so the rename never crosses filesystems), is flushed and fsynced, renamed over
+the target with ``os.replace`` and made durable by fsyncing the directory. A
+process killed mid-write leaves at most a hidden temporary file, which
+listings skip and :meth:`LocalStorage.delete_prefix` removes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from typing import TypeVar
+
+from ckptio.errors import ObjectExistsError, ObjectNotFoundError
+from ckptio.storage.base import ObjectInfo, Storage, StreamWriter, join, normalize_key
+from ckptio.storage.retry import translate_error
+
+__all__ = ["LocalStorage", "TEMP_PREFIX"]
+
+T = TypeVar("T")
+
+#: Name prefix of in-flight temporary files; never listed.
+TEMP_PREFIX = ".ckptio-tmp-"
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename or unlink in ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename still happened
+    finally:
+        os.close(fd)
+
+
+def _temp_path_beside(path: str) -> str:
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
+
+
+class _LocalWriter(StreamWriter):
+    def __init__(self, path: str, url: str) -> None:
+        super().__init__(url)
+        self._path = path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._tmp = _temp_path_beside(path)
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in commit/abort
+
+    def _write(self, data: memoryview) -> int:
+        return self._file.write(data)
+
+    def _commit(self) -> None:
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp, self._path)
+            _fsync_dir(os.path.dirname(self._path))
+        except BaseException:
+            self._discard()
+            raise
+
+    def _abort(self) -> None:
+        self._discard()
+
+    def _discard(self) -> None:
+        self._file.close()
+        try:
+            os.unlink(self._tmp)
+        except FileNotFoundError:
+            pass
+
+
+class LocalStorage(Storage):
+    """Storage in a local directory (created on first write)."""
+
+    protocol = "file"
+
+    def __init__(self, root: str) -> None:
+        if root.startswith("file://"):
+            root = root[len("file://") :]
+        self._root = os.path.abspath(os.path.expanduser(root))
+
+    @property
+    def url(self) -> str:
+        return self._root
+
+    def _path(self, key: str) -> str:
+        key = normalize_key(key)
+        return os.path.join(self._root, *key.split("/")) if key else self._root
+
+    def _do(self, key: str, action: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except OSError as exc:
+            raise translate_error(exc, self.url_of(key), action) from exc
+
+    def child(self, key: str) -> LocalStorage:
+        return LocalStorage(self._path(key))
+
+    def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        def write() -> None:
+            with self.open_writer(key) as writer:
+                writer.write(data)
+
+        self._do(key, "write", write)
+
+    def open_writer(self, key: str) -> StreamWriter:
+        return self._do(key, "open writer for", lambda: _LocalWriter(self._path(key), self.url_of(key)))
+
+    def create_exclusive(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+
+        def create() -> None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = _temp_path_beside(path)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # atomic, and fails if the target exists
+            except FileExistsError:
+                raise ObjectExistsError(
+                    errno.EEXIST, f"cannot create {self.url_of(key)!r}: object already exists"
+                ) from None
+            finally:
+                os.unlink(tmp)
+            _fsync_dir(os.path.dirname(path))
+
+        self._do(key, "create", create)
+
+    def read_bytes(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        path = self._path(key)
+
+        def read() -> bytes:
+            with open(path, "rb") as f:
+                if start:
+                    f.seek(start)
+                if end is None:
+                    return f.read()
+                return f.read(max(0, end - (start or 0)))
+
+        return self._do(key, "read", read)
+
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self._path(key))
+
+    def is_file(self, key: str) -> bool:
+        return os.path.isfile(self._path(key))
+
+    def info(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        st = self._do(key, "stat", lambda: os.stat(path))
+        if not os.path.isfile(path):
+            raise ObjectNotFoundError(errno.ENOENT, f"cannot stat {self.url_of(key)!r}: not an object")
+        return ObjectInfo(key=normalize_key(key), size=st.st_size, mtime=st.st_mtime)
+
+    def list(self, prefix: str = "") -> list[str]:
+        path = self._path(prefix)
+        if not os.path.isdir(path):
+            return []
+        names = self._do(prefix, "list", lambda: os.listdir(path))
+        return sorted(n for n in names if not n.startswith(TEMP_PREFIX))
+
+    def walk(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix)
+        found: list[str] = []
+        for directory, _dirs, files in os.walk(base):
+            rel = os.path.relpath(directory, base)
+            for name in files:
+                if not name.startswith(TEMP_PREFIX):
+                    found.append(name if rel == "." else join(*rel.split(os.sep), name))
+        return sorted(found)
+
+    def delete(self, key: str, *, missing_ok: bool = True) -> None:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError as exc:
+            if not missing_ok:
+                raise translate_error(exc, self.url_of(key), "delete") from exc
+        except OSError as exc:
+            raise translate_error(exc, self.url_of(key), "delete") from exc
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        if os.path.isdir(path):
+            self._do(prefix, "delete", lambda: shutil.rmtree(path))
+            _fsync_dir(os.path.dirname(path))
+        elif os.path.isfile(path):
+            self.delete(prefix)
+
+    def local_path(self, key: str = "") -> str | None:
+        return self._path(key)

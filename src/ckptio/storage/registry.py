@@ -1,0 +1,82 @@
+"""Resolve a URL or local path to a :class:`~ckptio.storage.base.Storage`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ckptio.errors import InvalidArgumentError, MissingDependencyError
+from ckptio.storage.base import Storage
+from ckptio.storage.local import LocalStorage
+from ckptio.storage.retry import RetryPolicy
+from ckptio.storage.wrapper import RetryingStorage
+
+__all__ = ["open_storage", "resolve_storage", "split_url"]
+
+#: Which ``pip install 'ckptio[extra]'`` brings the package a protocol needs.
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+_LISTING_CACHE_OFF = {"use_listings_cache": False}
+
+
+def split_url(url_or_path: str) -> tuple[str, str]:
+    """Split into ``(protocol, path)``; local paths and ``file://`` give ``"file"``."""
+    if "://" not in url_or_path:
+        return "file", url_or_path
+    protocol, _, rest = url_or_path.partition("://")
+    if not protocol:
+        raise InvalidArgumentError(f"cannot open storage {url_or_path!r}: empty protocol")
+    return protocol.lower(), rest
+
+
+def open_storage(
+    url_or_path: str | os.PathLike[str],
+    *,
+    retry: RetryPolicy | None = None,
+    block_size: int | None = None,
+    **storage_options: Any,
+) -> Storage:
+    """Open the storage rooted at ``url_or_path``.
+
+    Local paths and ``file://`` URLs give a :class:`LocalStorage`; every other
+    protocol goes through fsspec, with ``storage_options`` passed to the
+    filesystem (credentials, ``endpoint_url``, ...).
+
+    Args:
+        url_or_path: a local directory or a URL such as ``s3://bucket/run``.
+        retry: retry policy for transient backend errors (object stores).
+        block_size: part size of streaming uploads on object stores.
+        **storage_options: options for the fsspec filesystem.
+
+    Raises:
+        MissingDependencyError: the backend package is not installed; names the extra.
+        InvalidArgumentError: the URL cannot be parsed.
+    """
+    url = os.fspath(url_or_path)
+    protocol, path = split_url(url)
+    if protocol in ("file", "local"):
+        return LocalStorage(path)
+
+    import fsspec  # local import keeps `import ckptio` light
+
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except ImportError as exc:
+        extra = _EXTRAS.get(protocol)
+        hint = f"pip install 'ckptio[{extra}]'" if extra else f"install the fsspec backend for {protocol!r}"
+        raise MissingDependencyError(f"cannot open {url!r}: {exc}; {hint}") from exc
+    except ValueError as exc:
+        raise InvalidArgumentError(f"cannot open {url!r}: unknown protocol {protocol!r}") from exc
+
+    from ckptio.storage.fsspec_backend import DEFAULT_BLOCK_SIZE, FsspecStorage
+
+    fs = cls(**{**_LISTING_CACHE_OFF, **storage_options})
+    root = cls._strip_protocol(url)
+    backend = FsspecStorage(fs, root, protocol=protocol, block_size=block_size or DEFAULT_BLOCK_SIZE)
+    return RetryingStorage(backend, retry or RetryPolicy())
+
+
+def resolve_storage(target: str | os.PathLike[str] | Storage, storage_options: dict[str, Any] | None) -> Storage:
+    """Accept a Storage as is, or open a URL/path with ``storage_options``."""
+    if isinstance(target, Storage):
+        return target
+    return open_storage(target, **(storage_options or {}))

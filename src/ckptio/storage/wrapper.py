@@ -1,0 +1,199 @@
+"""Storage wrappers: delegation, retries, and byte counting.
+
+:class:`StorageWrapper` forwards every operation to an inner storage;
+subclasses override the few they change. :func:`~ckptio.storage.open_storage`
+wraps object-store backends in :class:`RetryingStorage`;
+:class:`CountingStorage` counts operations and bytes (useful to prove that a
+read fetched only what it needed).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from ckptio.storage.base import ObjectInfo, Storage, StreamWriter
+from ckptio.storage.retry import RetryPolicy, call_with_retries
+
+__all__ = ["CountingStorage", "RetryingStorage", "StorageWrapper"]
+
+T = TypeVar("T")
+
+
+class StorageWrapper(Storage):
+    """A storage that forwards everything to ``inner``."""
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.protocol = inner.protocol
+
+    @property
+    def url(self) -> str:
+        return self.inner.url
+
+    def rewrap(self, inner: Storage) -> StorageWrapper:
+        """A wrapper of the same kind and settings around ``inner`` (used by :meth:`child`)."""
+        return type(self)(inner)
+
+    def child(self, key: str) -> Storage:
+        return self.rewrap(self.inner.child(key))
+
+    def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        self.inner.write_bytes(key, data)
+
+    def open_writer(self, key: str) -> StreamWriter:
+        return self.inner.open_writer(key)
+
+    def create_exclusive(self, key: str, data: bytes) -> None:
+        self.inner.create_exclusive(key, data)
+
+    def read_bytes(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        return self.inner.read_bytes(key, start, end)
+
+    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        return self.inner.read_ranges(key, ranges)
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def is_file(self, key: str) -> bool:
+        return self.inner.is_file(key)
+
+    def info(self, key: str) -> ObjectInfo:
+        return self.inner.info(key)
+
+    def list(self, prefix: str = "") -> list[str]:
+        return self.inner.list(prefix)
+
+    def walk(self, prefix: str = "") -> list[str]:
+        return self.inner.walk(prefix)
+
+    def delete(self, key: str, *, missing_ok: bool = True) -> None:
+        self.inner.delete(key, missing_ok=missing_ok)
+
+    def delete_prefix(self, prefix: str) -> None:
+        self.inner.delete_prefix(prefix)
+
+    def local_path(self, key: str = "") -> str | None:
+        return self.inner.local_path(key)
+
+
+class RetryingStorage(StorageWrapper):
+    """Retries transient failures of every whole operation under a :class:`RetryPolicy`.
+
+    Streaming writers are not retried part by part: a failed stream is aborted
+    (nothing is published) and the error reaches the caller, who may write the
+    object again.
+    """
+
+    def __init__(self, inner: Storage, policy: RetryPolicy | None = None) -> None:
+        super().__init__(inner)
+        self.policy = policy or RetryPolicy()
+
+    def rewrap(self, inner: Storage) -> RetryingStorage:
+        return RetryingStorage(inner, self.policy)
+
+    def _retry(self, key: str, action: str, fn: Callable[[], T]) -> T:
+        return call_with_retries(fn, url=self.url_of(key), action=action, policy=self.policy)
+
+    def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        self._retry(key, "write", lambda: self.inner.write_bytes(key, data))
+
+    def open_writer(self, key: str) -> StreamWriter:
+        return self._retry(key, "open writer for", lambda: self.inner.open_writer(key))
+
+    def create_exclusive(self, key: str, data: bytes) -> None:
+        self._retry(key, "create", lambda: self.inner.create_exclusive(key, data))
+
+    def read_bytes(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        return self._retry(key, "read", lambda: self.inner.read_bytes(key, start, end))
+
+    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        return self._retry(key, "read", lambda: self.inner.read_ranges(key, ranges))
+
+    def exists(self, key: str) -> bool:
+        return self._retry(key, "check", lambda: self.inner.exists(key))
+
+    def is_file(self, key: str) -> bool:
+        return self._retry(key, "check", lambda: self.inner.is_file(key))
+
+    def info(self, key: str) -> ObjectInfo:
+        return self._retry(key, "stat", lambda: self.inner.info(key))
+
+    def list(self, prefix: str = "") -> list[str]:
+        return self._retry(prefix, "list", lambda: self.inner.list(prefix))
+
+    def walk(self, prefix: str = "") -> list[str]:
+        return self._retry(prefix, "list", lambda: self.inner.walk(prefix))
+
+    def delete(self, key: str, *, missing_ok: bool = True) -> None:
+        self._retry(key, "delete", lambda: self.inner.delete(key, missing_ok=missing_ok))
+
+    def delete_prefix(self, prefix: str) -> None:
+        self._retry(prefix, "delete", lambda: self.inner.delete_prefix(prefix))
+
+
+class _CountingWriter(StreamWriter):
+    def __init__(self, inner: StreamWriter, counter: CountingStorage) -> None:
+        super().__init__(inner.url)
+        self._inner = inner
+        self._counter = counter
+
+    def _write(self, data: memoryview) -> int:
+        n = self._inner.write(data)
+        self._counter.add(written=n)
+        return n
+
+    def _commit(self) -> None:
+        self._inner.commit()
+
+    def _abort(self) -> None:
+        self._inner.abort()
+
+
+class CountingStorage(StorageWrapper):
+    """Counts operations and bytes moved through it (children share the counters)."""
+
+    def __init__(self, inner: Storage, *, _shared: CountingStorage | None = None) -> None:
+        super().__init__(inner)
+        self._shared = _shared
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.operations = 0
+
+    def rewrap(self, inner: Storage) -> CountingStorage:
+        return CountingStorage(inner, _shared=self._root_counter())
+
+    def _root_counter(self) -> CountingStorage:
+        return self._shared._root_counter() if self._shared else self
+
+    def add(self, *, read: int = 0, written: int = 0) -> None:
+        """Record one operation that moved ``read``/``written`` bytes."""
+        root = self._root_counter()
+        with root._lock:
+            root.operations += 1
+            root.bytes_read += read
+            root.bytes_written += written
+
+    def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        self.inner.write_bytes(key, data)
+        self.add(written=memoryview(data).nbytes)
+
+    def open_writer(self, key: str) -> StreamWriter:
+        return _CountingWriter(self.inner.open_writer(key), self)
+
+    def read_bytes(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        data = self.inner.read_bytes(key, start, end)
+        self.add(read=len(data))
+        return data
+
+    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        chunks = self.inner.read_ranges(key, ranges)
+        self.add(read=sum(len(c) for c in chunks))
+        return chunks
+
+    def local_path(self, key: str = "") -> str | None:
+        # Reads through a local path would bypass the counters: report none.
+        return None
