@@ -13,6 +13,8 @@ also inherit the builtin they refine, so callers that already catch
     ├── MissingDependencyError (ImportError)   an optional extra is not installed
     ├── InvalidArgumentError (ValueError)      the caller passed something unusable
     └── CheckpointError                        a checkpoint cannot be used
+        ├── CheckpointNotFoundError (FileNotFoundError)  nothing to resume from
+        ├── CheckpointExistsError (FileExistsError)  refusing to overwrite a complete one
         ├── CorruptCheckpointError (ValueError)    malformed or inconsistent content
         ├── IncompleteCheckpointError (FileNotFoundError)  a file it needs is missing
         └── WorldSizeMismatchError (ValueError)    per-rank state saved at another world size
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
     "CkptioError",
     "CorruptCheckpointError",
     "IncompleteCheckpointError",
@@ -73,6 +77,14 @@ class InvalidArgumentError(CkptioError, ValueError):
 
 class CheckpointError(CkptioError):
     """A checkpoint cannot be read or written as asked."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No (complete) checkpoint exists where one was asked for."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A complete checkpoint already exists at the target; it is left untouched."""
 
 
 class CorruptCheckpointError(CheckpointError, ValueError):

@@ -98,6 +98,18 @@ class StreamWriter(ABC):
         self._closed = True
         self._abort()
 
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self._release()
+
+    def _release(self) -> None:
+        """Free local resources of an abandoned writer without publishing anything.
+
+        Runs when a writer is garbage collected neither committed nor aborted
+        (a simulated crash, or a bug): the object is not published, and what
+        is left behind is what a killed process would leave.
+        """
+
     @abstractmethod
     def _write(self, data: memoryview) -> int: ...
 

@@ -77,6 +77,9 @@ class _UploadWriter(StreamWriter):
     def _abort(self) -> None:
         self._discard()
 
+    def _release(self) -> None:
+        self._file.closed = True  # never let fsspec's finaliser complete the upload
+
     def _discard(self) -> None:
         try:
             self._file.discard()
@@ -106,6 +109,9 @@ class _SpooledWriter(StreamWriter):
             self._tmp.close()
 
     def _abort(self) -> None:
+        self._tmp.close()
+
+    def _release(self) -> None:
         self._tmp.close()
 
 

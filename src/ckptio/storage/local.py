@@ -72,6 +72,9 @@ class _LocalWriter(StreamWriter):
     def _abort(self) -> None:
         self._discard()
 
+    def _release(self) -> None:
+        self._file.close()
+
     def _discard(self) -> None:
         self._file.close()
         try:
