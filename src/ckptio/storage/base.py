@@ -18,6 +18,7 @@ Guarantees every backend keeps:
 
 from __future__ import annotations
 
+import builtins
 import posixpath
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -180,7 +181,7 @@ class Storage(ABC):
             ObjectNotFoundError: the object does not exist.
         """
 
-    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> builtins.list[bytes]:
         """Read several ``[start, end)`` ranges of one object, concurrently where it helps."""
         if len(ranges) <= 1:
             return [self.read_bytes(key, s, e) for s, e in ranges]
@@ -208,14 +209,14 @@ class Storage(ABC):
         return self.info(key).size
 
     @abstractmethod
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "") -> builtins.list[str]:
         """Names of the immediate children (objects and sub-prefixes) of ``prefix``, sorted.
 
         A missing prefix lists as empty. In-flight temporary objects are never listed.
         """
 
     @abstractmethod
-    def walk(self, prefix: str = "") -> list[str]:
+    def walk(self, prefix: str = "") -> builtins.list[str]:
         """Keys of every object below ``prefix``, relative to ``prefix``, sorted."""
 
     # -- deleting ----------------------------------------------------------

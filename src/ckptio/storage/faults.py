@@ -25,6 +25,8 @@ that opens sub-storages still sees one sequence of operations.
 
 from __future__ import annotations
 
+import builtins
+
 import errno
 import random
 import threading
@@ -135,7 +137,7 @@ class FaultInjectingStorage(StorageWrapper):
         return self._state.tripped
 
     @property
-    def log(self) -> list[str]:
+    def log(self) -> builtins.list[str]:
         """``"action key"`` of every operation attempted, in order."""
         return self._state.log
 
@@ -183,7 +185,7 @@ class FaultInjectingStorage(StorageWrapper):
     def read_bytes(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         return self._op(key, "read", lambda: self.inner.read_bytes(key, start, end))
 
-    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> builtins.list[bytes]:
         return self._op(key, "read", lambda: self.inner.read_ranges(key, ranges))
 
     def exists(self, key: str) -> bool:
@@ -195,10 +197,10 @@ class FaultInjectingStorage(StorageWrapper):
     def info(self, key: str) -> ObjectInfo:
         return self._op(key, "stat", lambda: self.inner.info(key))
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "") -> builtins.list[str]:
         return self._op(prefix, "list", lambda: self.inner.list(prefix))
 
-    def walk(self, prefix: str = "") -> list[str]:
+    def walk(self, prefix: str = "") -> builtins.list[str]:
         return self._op(prefix, "list", lambda: self.inner.walk(prefix))
 
     def delete(self, key: str, *, missing_ok: bool = True) -> None:

@@ -12,6 +12,8 @@ another process is seen at once.
 
 from __future__ import annotations
 
+import builtins
+
 import datetime as _dt
 import tempfile
 import threading
@@ -171,7 +173,16 @@ class FsspecStorage(Storage):
                         raise FileExistsError(path)
                     self.fs.pipe_file(path, data)
             else:
-                self.fs.pipe_file(path, data, mode="create")
+                try:
+                    self.fs.pipe_file(path, data, mode="create")
+                except FileExistsError:
+                    raise
+                except Exception:
+                    # Some S3 servers answer 412 in a form s3fs does not map to
+                    # FileExistsError: if the object is there now, ours was refused.
+                    if self.fs.exists(path):
+                        raise FileExistsError(path) from None
+                    raise
 
         try:
             self._call(key, "create", create)
@@ -187,14 +198,14 @@ class FsspecStorage(Storage):
             return b""
         return self._call(key, "read", lambda: bytes(self.fs.cat_file(path, start=start, end=end)))
 
-    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> builtins.list[bytes]:
         if not ranges:
             return []
         path = self._path(key)
         starts = [s for s, _ in ranges]
         ends = [e for _, e in ranges]
 
-        def read() -> list[bytes]:
+        def read() -> builtins.list[bytes]:
             chunks = self.fs.cat_ranges([path] * len(ranges), starts, ends, on_error="raise")
             for chunk in chunks:
                 if isinstance(chunk, BaseException):
@@ -226,11 +237,11 @@ class FsspecStorage(Storage):
                 break
         return ObjectInfo(key=normalize_key(key), size=int(details.get("size") or 0), mtime=mtime)
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "") -> builtins.list[str]:
         path = self._path(prefix)
         self.fs.invalidate_cache(path)
 
-        def ls() -> list[str]:
+        def ls() -> builtins.list[str]:
             try:
                 entries = self.fs.ls(path, detail=False, refresh=True)
             except FileNotFoundError:
@@ -242,11 +253,11 @@ class FsspecStorage(Storage):
 
         return self._call(prefix, "list", ls)
 
-    def walk(self, prefix: str = "") -> list[str]:
+    def walk(self, prefix: str = "") -> builtins.list[str]:
         path = self._path(prefix)
         self.fs.invalidate_cache(path)
 
-        def find() -> list[str]:
+        def find() -> builtins.list[str]:
             try:
                 found = self.fs.find(path, withdirs=False)
             except FileNotFoundError:

@@ -9,6 +9,8 @@ listings skip and :meth:`LocalStorage.delete_prefix` removes.
 
 from __future__ import annotations
 
+import builtins
+
 import errno
 import os
 import shutil
@@ -168,14 +170,14 @@ class LocalStorage(Storage):
             raise ObjectNotFoundError(errno.ENOENT, f"cannot stat {self.url_of(key)!r}: not an object")
         return ObjectInfo(key=normalize_key(key), size=st.st_size, mtime=st.st_mtime)
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "") -> builtins.list[str]:
         path = self._path(prefix)
         if not os.path.isdir(path):
             return []
         names = self._do(prefix, "list", lambda: os.listdir(path))
         return sorted(n for n in names if not n.startswith(TEMP_PREFIX))
 
-    def walk(self, prefix: str = "") -> list[str]:
+    def walk(self, prefix: str = "") -> builtins.list[str]:
         base = self._path(prefix)
         found: list[str] = []
         for directory, _dirs, files in os.walk(base):

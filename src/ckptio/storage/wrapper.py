@@ -9,6 +9,8 @@ read fetched only what it needed).
 
 from __future__ import annotations
 
+import builtins
+
 import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -51,7 +53,7 @@ class StorageWrapper(Storage):
     def read_bytes(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         return self.inner.read_bytes(key, start, end)
 
-    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> builtins.list[bytes]:
         return self.inner.read_ranges(key, ranges)
 
     def exists(self, key: str) -> bool:
@@ -63,10 +65,10 @@ class StorageWrapper(Storage):
     def info(self, key: str) -> ObjectInfo:
         return self.inner.info(key)
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "") -> builtins.list[str]:
         return self.inner.list(prefix)
 
-    def walk(self, prefix: str = "") -> list[str]:
+    def walk(self, prefix: str = "") -> builtins.list[str]:
         return self.inner.walk(prefix)
 
     def delete(self, key: str, *, missing_ok: bool = True) -> None:
@@ -109,7 +111,7 @@ class RetryingStorage(StorageWrapper):
     def read_bytes(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         return self._retry(key, "read", lambda: self.inner.read_bytes(key, start, end))
 
-    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> builtins.list[bytes]:
         return self._retry(key, "read", lambda: self.inner.read_ranges(key, ranges))
 
     def exists(self, key: str) -> bool:
@@ -121,10 +123,10 @@ class RetryingStorage(StorageWrapper):
     def info(self, key: str) -> ObjectInfo:
         return self._retry(key, "stat", lambda: self.inner.info(key))
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "") -> builtins.list[str]:
         return self._retry(prefix, "list", lambda: self.inner.list(prefix))
 
-    def walk(self, prefix: str = "") -> list[str]:
+    def walk(self, prefix: str = "") -> builtins.list[str]:
         return self._retry(prefix, "list", lambda: self.inner.walk(prefix))
 
     def delete(self, key: str, *, missing_ok: bool = True) -> None:
@@ -189,7 +191,7 @@ class CountingStorage(StorageWrapper):
         self.add(read=len(data))
         return data
 
-    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> builtins.list[bytes]:
         chunks = self.inner.read_ranges(key, ranges)
         self.add(read=sum(len(c) for c in chunks))
         return chunks
