@@ -1,0 +1,321 @@
+"""Read model weights from Hugging Face shards into a module or a state dict.
+
+Order of work, so that a bad checkpoint is refused before anything changes:
+
+1. the index (or the single file's header) is read and validated;
+2. key checks follow ``nn.Module.load_state_dict`` (``strict``): missing
+   tensors are reported by name before any shard is read; tied aliases that
+   a checkpoint stored once (``param_sharing``) or that transformers dropped
+   (``_tied_weights_keys``) are not missing;
+3. safetensors headers are checked against the module's shapes and dtypes;
+4. shards are read concurrently (a few at a time) and loaded as they arrive,
+   so memory holds a few shards, not the model twice;
+5. tied parameters are tied again (one Parameter per group).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from ckptio.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
+from ckptio.format.constants import SAFE_WEIGHTS_NAME, WEIGHTS_NAME
+from ckptio.format.index import read_index, validate_shard_file_name
+from ckptio.format.layout import detect_layout
+from ckptio.format.planner import PARAM_SHARING_KEY
+from ckptio.format.safetensors_io import SafetensorsHeader, read_header, read_safetensors
+from ckptio.format.sharing import (
+    create_sharing_metadata,
+    declared_aliases,
+    merge_groups,
+    module_tied_groups,
+    retie_parameters,
+)
+from ckptio.format.torch_io import read_torch_file
+from ckptio.storage import Storage
+
+__all__ = ["StateDictMismatchError", "read_model_weights"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: Shards read at once.
+_READ_WORKERS = 4
+_SHOW = 20
+
+
+class StateDictMismatchError(CheckpointError, ValueError):
+    """The checkpoint's tensors do not fit the module (names, shapes or dtypes)."""
+
+
+def _names(names: Sequence[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:_SHOW])
+    return shown + (f" and {len(names) - _SHOW} more" if len(names) > _SHOW else "")
+
+
+def _bounded_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
+    """Run ``fn`` over ``items`` with at most ``workers`` in flight; yield in completion order."""
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    pending: set[Future[R]] = set()
+    queue = list(items)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckptio-read") as pool:
+        try:
+            while queue or pending:
+                while queue and len(pending) < workers:
+                    pending.add(pool.submit(fn, queue.pop(0)))
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _checkpoint_sharing(metadata: Mapping[str, Any], url: str) -> list[list[str]]:
+    groups = metadata.get(PARAM_SHARING_KEY) or []
+    if not isinstance(groups, list) or not all(
+        isinstance(g, list) and all(isinstance(n, str) for n in g) for g in groups
+    ):
+        raise CorruptCheckpointError(f"index {url!r} has malformed {PARAM_SHARING_KEY!r} metadata: {groups!r}")
+    return [list(g) for g in groups if len(g) > 1]
+
+
+class _Catalog:
+    """Where each stored tensor lives, plus safetensors headers fetched along the way."""
+
+    def __init__(self, storage: Storage, weight_map: dict[str, str] | None, sharing: list[list[str]]) -> None:
+        self.storage = storage
+        self.weight_map = weight_map  # None: a single .bin file whose names are known only once loaded
+        self.sharing = sharing
+        self.headers: dict[str, SafetensorsHeader] = {}
+        self.preloaded: dict[str, dict[str, torch.Tensor]] = {}
+
+    def header(self, file_name: str) -> SafetensorsHeader:
+        if file_name not in self.headers:
+            self.headers[file_name] = read_header(self.storage, file_name)
+        return self.headers[file_name]
+
+    def fetch_headers(self, file_names: Iterable[str]) -> None:
+        """Fetch the headers of several safetensors shards concurrently."""
+        todo = sorted({f for f in file_names if f.endswith(".safetensors") and f not in self.headers})
+        for name, header in _bounded_map(lambda f: (f, read_header(self.storage, f)), todo, _READ_WORKERS):
+            self.headers[name] = header
+
+
+def _open_catalog(storage: Storage, device: str | torch.device) -> _Catalog:
+    meta = detect_layout(storage)
+    if meta is None:
+        raise CheckpointNotFoundError(
+            f"cannot load model weights from {storage.url!r}: no index, {SAFE_WEIGHTS_NAME!r} or {WEIGHTS_NAME!r} there"
+        )
+    if meta.is_index:
+        index = read_index(storage, meta.file_name)
+        return _Catalog(
+            storage, dict(index["weight_map"]), _checkpoint_sharing(index["metadata"], storage.url_of(meta.file_name))
+        )
+    if meta.safetensors:
+        catalog = _Catalog(storage, {}, [])
+        header = catalog.header(meta.file_name)
+        catalog.weight_map = dict.fromkeys(header.entries, meta.file_name)
+        return catalog
+    catalog = _Catalog(storage, None, [])
+    loaded = read_torch_file(storage, meta.file_name, device=device)
+    catalog.weight_map = dict.fromkeys(loaded, meta.file_name)
+    catalog.preloaded[meta.file_name] = loaded
+    return catalog
+
+
+def _read_file(
+    catalog: _Catalog, file_name: str, names: list[str], device: str | torch.device
+) -> dict[str, torch.Tensor]:
+    if file_name in catalog.preloaded:
+        loaded = catalog.preloaded[file_name]
+        return {n: loaded[n] for n in names}
+    if file_name.endswith(".safetensors"):
+        return read_safetensors(catalog.storage, file_name, names, device=device, header=catalog.headers.get(file_name))
+    return read_torch_file(catalog.storage, file_name, names, device=device)
+
+
+def _by_file(weight_map: Mapping[str, str], names: Iterable[str]) -> list[tuple[str, list[str]]]:
+    grouped: dict[str, list[str]] = {}
+    for name in names:
+        grouped.setdefault(weight_map[name], []).append(name)
+    return sorted(grouped.items())
+
+
+def _source_of(groups: Sequence[Sequence[str]], stored: Mapping[str, str]) -> dict[str, str]:
+    """For each name of a group that has a stored member: the stored name it can be read from."""
+    sources: dict[str, str] = {}
+    for group in groups:
+        stored_members = [n for n in group if n in stored]
+        if stored_members:
+            for name in group:
+                sources.setdefault(name, name if name in stored else stored_members[0])
+    return sources
+
+
+def _read_state_dict(
+    catalog: _Catalog, keys: Iterable[str] | None, device: str | torch.device
+) -> dict[str, torch.Tensor]:
+    weight_map = catalog.weight_map or {}
+    sources = {n: n for n in weight_map} | _source_of(catalog.sharing, weight_map)
+    wanted = list(keys) if keys is not None else list(sources)
+    absent = [n for n in wanted if n not in sources]
+    if absent:
+        raise StateDictMismatchError(
+            f"cannot load {_names(absent)} from {catalog.storage.url!r}: not in the checkpoint"
+        )
+    order = {name: i for i, name in enumerate(weight_map)}
+    needed = sorted({sources[n] for n in wanted}, key=order.__getitem__)
+    tensors: dict[str, torch.Tensor] = {}
+    work = _by_file(weight_map, needed)
+    for part in _bounded_map(lambda item: _read_file(catalog, item[0], item[1], device), work, _READ_WORKERS):
+        tensors.update(part)
+    return {n: tensors[sources[n]] for n in wanted}
+
+
+def _check_shapes(catalog: _Catalog, targets: Mapping[str, torch.Tensor], loads: Mapping[str, str]) -> None:
+    """Refuse shape or dtype-kind mismatches visible in safetensors headers, before any data is read."""
+    catalog.fetch_headers(loads.values())
+    problems: list[str] = []
+    for name, file_name in loads.items():
+        if not file_name.endswith(".safetensors"):
+            continue
+        entry = catalog.header(file_name).entries.get(name)
+        target = targets[name]
+        if entry is None or type(target) not in (torch.Tensor, nn.Parameter):
+            continue
+        if entry.shape != tuple(target.shape):
+            problems.append(f"{name!r}: checkpoint shape {list(entry.shape)}, module {list(target.shape)}")
+        elif (
+            entry.dtype.is_floating_point != target.dtype.is_floating_point
+            or entry.dtype.is_complex != target.dtype.is_complex
+        ):
+            problems.append(f"{name!r}: checkpoint dtype {entry.dtype}, module {target.dtype}")
+    if problems:
+        raise StateDictMismatchError(
+            f"cannot load {catalog.storage.url!r} into the module: {'; '.join(problems[:_SHOW])}; "
+            "the module was not modified"
+        )
+
+
+def _load_into(
+    catalog: _Catalog,
+    module: nn.Module,
+    *,
+    device: str | torch.device,
+    strict: bool,
+    assign: bool,
+    keys: Iterable[str] | None,
+) -> None:
+    url = catalog.storage.url
+    targets = module.state_dict(keep_vars=True)
+    weight_map = catalog.weight_map or {}
+    # transformers' declared ties only stand in for aliases the checkpoint dropped.
+    hf_groups = [g for g in module_tied_groups(module) if g[1] not in weight_map]
+    hf_aliases = {n for n in declared_aliases(module) if n not in weight_map}
+    groups = merge_groups(catalog.sharing, create_sharing_metadata(module), hf_groups)
+    sources = {n: n for n in weight_map} | _source_of(groups, weight_map)
+    wanted = list(keys) if keys is not None else list(targets)
+    missing = [n for n in wanted if n not in sources and n not in hf_aliases]
+    unexpected = [n for n in (wanted if keys is not None else weight_map) if n not in targets]
+    if strict and (missing or unexpected):
+        parts = [f"missing {_names(missing)}"] if missing else []
+        parts += [f"unexpected {_names(unexpected)}"] if unexpected else []
+        raise StateDictMismatchError(
+            f"cannot load {url!r} into {type(module).__name__} (strict=True): {'; '.join(parts)}; "
+            "nothing was loaded (pass strict=False to load what matches)"
+        )
+    # Load each stored tensor once, under a name the module has (tied names then share it).
+    loads: dict[str, str] = {}
+    for name in wanted:
+        if name in targets and name in sources:
+            stored = sources[name]
+            target_name = stored if stored in targets else name
+            loads.setdefault(stored, target_name)
+    stored_files = {stored: weight_map[stored] for stored in loads}
+    _check_shapes(catalog, {s: targets[t] for s, t in loads.items()}, stored_files)
+
+    for part in _bounded_map(
+        lambda item: _read_file(catalog, item[0], item[1], device), _by_file(weight_map, loads), _READ_WORKERS
+    ):
+        renamed = {loads[stored]: tensor for stored, tensor in part.items()}
+        _check_loaded_shapes(url, renamed, targets)
+        module.load_state_dict(renamed, strict=False, assign=assign)
+
+    # Tie again, each group led by a member that was loaded.
+    loaded_names = set(loads.values())
+    retie_parameters(module, [sorted(g, key=lambda n: n not in loaded_names) for g in groups])
+    tie_weights = getattr(module, "tie_weights", None)
+    if callable(tie_weights) and any(n not in sources for n in hf_aliases):
+        tie_weights()  # transformers 4 lists aliases without saying what they are tied to
+
+
+def _check_loaded_shapes(url: str, tensors: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> None:
+    problems = [
+        f"{n!r}: checkpoint shape {list(t.shape)}, module {list(targets[n].shape)}"
+        for n, t in tensors.items()
+        if type(targets[n]) in (torch.Tensor, nn.Parameter) and type(t) is torch.Tensor and t.shape != targets[n].shape
+    ]
+    if problems:
+        raise StateDictMismatchError(f"cannot load {url!r}: {'; '.join(problems[:_SHOW])}")
+
+
+def _catalog_of_index(storage: Storage, shard_index: Mapping[str, Any]) -> _Catalog:
+    weight_map = shard_index.get("weight_map")
+    if not isinstance(weight_map, Mapping):
+        raise InvalidArgumentError("shard_index has no 'weight_map' dict")
+    for file_name in weight_map.values():
+        validate_shard_file_name(file_name, storage.url)
+    metadata = shard_index.get("metadata") or {}
+    return _Catalog(storage, dict(weight_map), _checkpoint_sharing(metadata, storage.url))
+
+
+def read_model_weights(
+    storage: Storage,
+    module: nn.Module | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    strict: bool = True,
+    assign: bool = False,
+    keys: Iterable[str] | None = None,
+    shard_index: Mapping[str, Any] | None = None,
+) -> dict[str, torch.Tensor] | None:
+    """Load the weights at the root of ``storage`` (index + shards, or one weights file).
+
+    Args:
+        module: load into it (returns None); None returns a state dict.
+        device: where the loaded tensors are placed.
+        strict, assign: as in ``nn.Module.load_state_dict``.
+        keys: only these tensors (on object stores only their byte ranges are fetched).
+        shard_index: read the shards this index names instead of the directory's own
+            index (``load_sharded_checkpoint``).
+
+    Raises:
+        CheckpointNotFoundError: no weights or index file at the root.
+        StateDictMismatchError: missing/unexpected names (strict), wrong shapes or dtypes.
+        CorruptCheckpointError: a malformed index, truncated or corrupt shard, unsafe pickle.
+        ObjectNotFoundError: a shard the index names does not exist.
+    """
+    started = time.monotonic()
+    if module is not None and not isinstance(module, nn.Module):
+        raise InvalidArgumentError(f"cannot load into {type(module).__name__}: expected an nn.Module or None")
+    catalog = _open_catalog(storage, device) if shard_index is None else _catalog_of_index(storage, shard_index)
+    if module is None:
+        result = _read_state_dict(catalog, keys, device)
+        logger.info("read %d tensors from %s in %.2fs", len(result), storage.url, time.monotonic() - started)
+        return result
+    _load_into(catalog, module, device=device, strict=strict, assign=assign, keys=keys)
+    logger.info("loaded model weights from %s in %.2fs", storage.url, time.monotonic() - started)
+    return None

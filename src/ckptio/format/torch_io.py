@@ -1,0 +1,116 @@
+"""PyTorch ``.bin`` shards: streamed ``torch.save`` out, ``weights_only`` ``torch.load`` in.
+
+``torch.save`` writes its zip archive sequentially, so it streams straight into
+a storage writer (a multipart upload on object stores): tensor data goes out
+from the tensors' own memory, in slices. Loading is only ever done with
+``weights_only=True``; a file that needs arbitrary pickled objects is refused
+as corrupt rather than executed. Local files load by mmap.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+from collections.abc import Iterable, Mapping
+from typing import IO, Any, cast
+
+import torch
+
+from ckptio.errors import CorruptCheckpointError
+from ckptio.integrity import ChecksumWriter, FileRecord
+from ckptio.storage import Storage, StreamWriter
+
+__all__ = ["read_torch_file", "write_torch_file"]
+
+_WRITE_CHUNK = 8 * 2**20
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class _WriterFile:
+    """The file-like object ``torch.save`` needs (``write``/``flush``) over a StreamWriter."""
+
+    def __init__(self, writer: StreamWriter) -> None:
+        self._writer = writer
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        for start in range(0, view.nbytes, _WRITE_CHUNK):
+            self._writer.write(view[start : start + _WRITE_CHUNK])
+        return view.nbytes
+
+    def flush(self) -> None:
+        """Nothing to flush: the storage writer publishes on commit."""
+
+
+def _saveable(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor to pickle: detached, and a compact copy when it views a larger storage.
+
+    ``torch.save`` writes a tensor's *whole* storage, so a slice of a big tensor
+    would drag all of it into the shard.
+    """
+    tensor = tensor.detach()
+    if (
+        type(tensor) is torch.Tensor
+        and tensor.device.type != "meta"
+        and tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size()
+    ):
+        tensor = tensor.clone()
+    return tensor
+
+
+def write_torch_file(storage: Storage, key: str, tensors: Mapping[str, torch.Tensor]) -> FileRecord:
+    """Stream ``torch.save(tensors)`` into object ``key``; publish it only when complete."""
+    payload = {name: _saveable(t) for name, t in tensors.items()}
+    writer = ChecksumWriter(storage.open_writer(key), key)
+    with writer:
+        torch.save(payload, cast(IO[bytes], _WriterFile(writer)))
+    if writer.record is None:  # pragma: no cover - commit always sets it
+        raise RuntimeError(f"writer for {storage.url_of(key)!r} committed without a record")
+    return writer.record
+
+
+def _load(source: str | io.BytesIO, url: str, device: str | torch.device, *, mmap: bool) -> Any:
+    try:
+        return torch.load(source, map_location=torch.device(device), weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        raise CorruptCheckpointError(
+            f"refusing to load {url!r}: it cannot be loaded with weights_only=True (an unsafe pickle, "
+            f"or a tensor type whose package is not imported): {exc}; the file was not modified"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError) as exc:
+        raise CorruptCheckpointError(
+            f"cannot load {url!r}: not a readable PyTorch file ({type(exc).__name__}: {exc}); the file was not modified"
+        ) from exc
+
+
+def read_torch_file(
+    storage: Storage, key: str, names: Iterable[str] | None = None, *, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Load a ``.bin``/``.pt`` state dict with ``weights_only=True``; keep ``names`` (all when None).
+
+    Raises:
+        ObjectNotFoundError: the file does not exist.
+        CorruptCheckpointError: unreadable, an unsafe pickle, not a dict of
+            tensors, or missing a name the index promised.
+    """
+    url = storage.url_of(key)
+    path = storage.local_path(key)
+    if path is not None and os.path.isfile(path):
+        with open(path, "rb") as file:
+            is_zip = file.read(4) == _ZIP_MAGIC
+        loaded = _load(path, url, device, mmap=is_zip)
+    else:
+        loaded = _load(io.BytesIO(storage.read_bytes(key)), url, device, mmap=False)
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    ):
+        raise CorruptCheckpointError(f"cannot load {url!r}: expected a dict of tensors, got {type(loaded).__name__}")
+    if names is None:
+        return loaded
+    wanted = list(names)
+    absent = [n for n in wanted if n not in loaded]
+    if absent:
+        raise CorruptCheckpointError(f"shard {url!r} does not hold {absent} although the index says it does")
+    return {n: loaded[n] for n in wanted}
