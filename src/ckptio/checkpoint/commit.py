@@ -1,0 +1,124 @@
+"""The commit protocol of a checkpoint directory, the same on local disk and object stores.
+
+Saving ``checkpoint-N``:
+
+1. :func:`begin_checkpoint` writes ``checkpoint_in_progress.json`` before
+   anything else. From then on the directory is *incomplete*, whatever else
+   it holds.
+2. The writers publish every file (each one atomically, see
+   :mod:`ckptio.storage`): model shards, the shard index, component state.
+3. :func:`commit_checkpoint` writes ``checkpoint_manifest.json`` **last**.
+   That single atomic object write is the commit point. The marker is removed
+   afterwards; a marker left next to a manifest (a crash between the two) is
+   harmless, because the manifest wins.
+
+Why a commit *object* rather than the POSIX idiom of writing into a temporary
+directory and renaming it into place: object stores (S3, GCS) have no
+directory rename. A "rename" there is a copy of every object followed by a
+delete, neither atomic nor cheap, and a crash in the middle leaves two half
+checkpoints. A single object write *is* atomic on every backend, so the
+manifest object is the commit record: readers trust a directory only when its
+manifest is there and every file it lists has the listed size
+(:mod:`ckptio.checkpoint.validate`). The marker makes the state of a crashed
+save unambiguous even after its model weights were fully written (weights
+alone would otherwise look like a plain, valid model directory).
+
+Deleting a checkpoint runs the protocol backwards (:func:`delete_checkpoint`):
+write the marker, delete the manifest, delete every other file, delete the
+marker last. At every instant the directory is either complete (manifest still
+there) or incomplete (marker there), never a half-deleted directory that
+passes for a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+
+from ckptio.checkpoint.layout import IN_PROGRESS_NAME, MANIFEST_NAME
+from ckptio.checkpoint.manifest import CheckpointManifest, utc_timestamp, write_manifest
+from ckptio.errors import InvalidArgumentError
+from ckptio.storage import Storage
+
+__all__ = ["begin_checkpoint", "commit_checkpoint", "delete_checkpoint", "is_committed"]
+
+logger = logging.getLogger(__name__)
+
+
+def _marker_bytes(*, checkpoint_id: int | str | None, world_size: int | None, action: str) -> bytes:
+    marker = {
+        "action": action,
+        "checkpoint_id": checkpoint_id,
+        "world_size": world_size,
+        "started": utc_timestamp(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    return (json.dumps(marker, indent=2) + "\n").encode()
+
+
+def begin_checkpoint(storage: Storage, *, checkpoint_id: int | str | None, world_size: int) -> None:
+    """Mark a checkpoint directory as being written; call before writing anything else.
+
+    Called once, by global rank 0, and every other rank must wait for it
+    (barrier) before writing. Overwrites a marker left by a crashed save.
+
+    Args:
+        storage: the checkpoint directory.
+        checkpoint_id: the step number or name of the checkpoint (recorded for humans).
+        world_size: the number of ranks that will write (recorded for humans).
+
+    Raises:
+        InvalidArgumentError: ``world_size`` is below 1.
+        StorageError: the marker could not be written; nothing else was.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise InvalidArgumentError(f"world_size must be a positive integer, got {world_size!r}")
+    marker = _marker_bytes(checkpoint_id=checkpoint_id, world_size=world_size, action="save")
+    storage.write_bytes(IN_PROGRESS_NAME, marker)
+    logger.debug("began checkpoint %s", storage.url)
+
+
+def commit_checkpoint(storage: Storage, manifest: CheckpointManifest) -> None:
+    """Commit a checkpoint: publish its manifest, then remove the in-progress marker.
+
+    Call it once, on global rank 0, after every rank has finished writing every
+    file the manifest lists. The manifest write is atomic and is the commit
+    point: if the process dies before it, the checkpoint stays incomplete and
+    the previous checkpoint is what resumes; if it dies after it, the
+    checkpoint is complete (a leftover marker does not matter).
+
+    Raises:
+        StorageError: the manifest could not be written; the checkpoint stays
+            incomplete and earlier checkpoints are untouched.
+    """
+    write_manifest(storage, manifest)
+    storage.delete(IN_PROGRESS_NAME, missing_ok=True)
+    logger.debug("committed checkpoint %s (%d files)", storage.url, len(manifest.files))
+
+
+def is_committed(storage: Storage) -> bool:
+    """Whether the directory has a manifest (its files are not checked; see ``checkpoint_status``)."""
+    return storage.is_file(MANIFEST_NAME)
+
+
+def delete_checkpoint(storage: Storage) -> None:
+    """Delete a whole checkpoint directory, never leaving a directory that looks complete.
+
+    Writes the in-progress marker, deletes the manifest, deletes every other
+    object, and deletes the marker (and, on local disk, the directory) last. A
+    crash at any point leaves an incomplete checkpoint, which later rotation
+    removes.
+
+    Raises:
+        StorageError: a delete failed; what remains is marked incomplete.
+    """
+    storage.write_bytes(IN_PROGRESS_NAME, _marker_bytes(checkpoint_id=None, world_size=None, action="delete"))
+    storage.delete(MANIFEST_NAME, missing_ok=True)
+    for key in storage.walk(""):
+        if key != IN_PROGRESS_NAME:
+            storage.delete(key, missing_ok=True)
+    storage.delete_prefix("")
+    logger.debug("deleted checkpoint %s", storage.url)
