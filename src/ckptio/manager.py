@@ -57,6 +57,7 @@ from ckptio.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     InvalidArgumentError,
+    StorageError,
 )
 from ckptio.format import read_model_weights, write_model_weights
 from ckptio.integrity import FileRecord, checksum_bytes
@@ -150,11 +151,20 @@ class CheckpointManager:
         config: CheckpointConfig,
         stateful_provider: StatefulProvider | None,
         model: torch.nn.Module | None = None,
+        *,
+        storage: Storage | None = None,
     ) -> None:
+        """Args:
+            config: where and how to write.
+            stateful_provider: gives the state components (None: model only).
+            model: the model whose weights every checkpoint holds.
+            storage: use this storage for ``config.output_dir`` instead of opening
+                it (e.g. a :class:`~ckptio.storage.FaultInjectingStorage` in tests).
+        """
         self.config = config
         self.provider = stateful_provider
         self.model = model
-        self.storage: Storage = open_storage(config.output_dir, **(config.storage_options or {}))
+        self.storage: Storage = storage or open_storage(config.output_dir, **(config.storage_options or {}))
         self.best_checkpoints: list[BestEntry] = []
         self.best_checkpoint: str | None = None
         self.loaded_manifest: CheckpointManifest | None = None
@@ -186,6 +196,10 @@ class CheckpointManager:
         return result  # type: ignore[no-any-return]
 
     def _checkpoint_storage(self, path: str) -> Storage:
+        """The storage of a checkpoint: below the output dir when it is there, else opened anew."""
+        root = self.storage.url.rstrip("/") + "/"
+        if path.startswith(root):
+            return self.storage.child(path[len(root) :])
         return open_storage(path, **(self.config.storage_options or {}))
 
     def _next_checkpoint_id(self) -> int:
@@ -224,11 +238,15 @@ class CheckpointManager:
         except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised
             if world.world_size == 1:
                 raise
-            outcome.error = f"rank {world.rank}: {type(exc).__name__}: {exc}"
+            outcome.error = f"{type(exc).__name__}: {exc}"
         outcomes = world.all_gather_object(outcome)
-        failures = [o.error for o in outcomes if o.error]
+        failures: dict[str, list[int]] = {}
+        for rank, o in enumerate(outcomes):
+            if o.error:
+                failures.setdefault(o.error, []).append(rank)
         if failures:
-            raise CheckpointError(f"cannot save {path!r}: {'; '.join(failures)}; earlier checkpoints are intact")
+            reasons = "; ".join(f"ranks {ranks}: {error}" for error, ranks in failures.items())
+            raise CheckpointError(f"cannot save {path!r}: {reasons}; earlier checkpoints are intact")
 
         def commit() -> int:
             written = [c for o in outcomes for c in o.components]
@@ -300,7 +318,11 @@ class CheckpointManager:
         preserved = [e.name for e in self.best_checkpoints[: self.config.preserve_n_best]]
         if self.best_checkpoint:
             preserved.append(self.best_checkpoint)
-        deleted = maybe_delete_oldest_checkpoint(self.storage, limit, preserved)
+        try:
+            deleted = maybe_delete_oldest_checkpoint(self.storage, limit, preserved)
+        except StorageError as exc:  # the new checkpoint is committed; rotation retries next save
+            logger.warning("checkpoint %s is committed; rotating older ones failed: %s", committed_path, exc)
+            return
         if deleted:
             logger.info("rotated out %s", ", ".join(deleted))
 

@@ -39,7 +39,7 @@ import socket
 
 from ckptio.checkpoint.layout import IN_PROGRESS_NAME, MANIFEST_NAME
 from ckptio.checkpoint.manifest import CheckpointManifest, utc_timestamp, write_manifest
-from ckptio.errors import InvalidArgumentError
+from ckptio.errors import InvalidArgumentError, StorageError
 from ckptio.storage import Storage
 
 __all__ = ["begin_checkpoint", "commit_checkpoint", "delete_checkpoint", "is_committed"]
@@ -95,7 +95,10 @@ def commit_checkpoint(storage: Storage, manifest: CheckpointManifest) -> None:
             incomplete and earlier checkpoints are untouched.
     """
     write_manifest(storage, manifest)
-    storage.delete(IN_PROGRESS_NAME, missing_ok=True)
+    try:
+        storage.delete(IN_PROGRESS_NAME, missing_ok=True)
+    except StorageError as exc:  # committed already: a leftover marker is harmless
+        logger.warning("checkpoint %s is committed but its in-progress marker remains: %s", storage.url, exc)
     logger.debug("committed checkpoint %s (%d files)", storage.url, len(manifest.files))
 
 
