@@ -78,7 +78,7 @@ def make_loader(corpus: torch.Tensor) -> Any:
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     dataset = torch.utils.data.TensorDataset(corpus)
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=4321)
+    sampler: torch.utils.data.DistributedSampler[Any] = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=4321)
     return StatefulDataLoader(
         dataset, batch_size=16, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(0)
     )
@@ -129,7 +129,7 @@ class DemoTrainer:
         logits = self.model(tokens[:, :-1])
         loss = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
         self.optimizer.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         self.optimizer.step()
         self.scheduler.step()
         self.progress.step += 1

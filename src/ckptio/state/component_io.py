@@ -102,7 +102,7 @@ def unloadable_values(state_dict: Any) -> list[tuple[str, type]]:
     Types registered with ``torch.serialization.add_safe_globals`` (or an
     active ``safe_globals`` context) count as loadable.
     """
-    registered = getattr(torch.serialization, "get_safe_globals", list)()  # torch >= 2.4
+    registered: list[Any] = getattr(torch.serialization, "get_safe_globals", list)()  # torch >= 2.4
     allowed = tuple(t for t in registered if isinstance(t, type))
     return list(_walk(state_dict, "", allowed))
 
@@ -132,7 +132,7 @@ def save_component_state(storage: Storage, file_name: str, state_dict: Any) -> F
     with writer:
         stream = _StreamFile(writer)
         try:
-            torch.save(state_dict, stream)
+            torch.save(state_dict, stream)  # type: ignore[arg-type]  # any object with write()
         except BaseException as exc:
             if stream.error is not None and stream.error is not exc:
                 raise stream.error  # noqa: B904 - the storage failure, not torch's follow-up error

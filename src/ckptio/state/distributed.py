@@ -193,7 +193,8 @@ class World:
             raise InvalidArgumentError(
                 f"no process group named {name!r}; get_process_groups() returned {sorted(self.process_groups)}"
             )
-        return self.process_groups[name]
+        group: ProcessGroup = self.process_groups[name]
+        return group
 
     def group_ranks(self, group: ProcessGroup | str | None = None) -> list[int]:
         """Global ranks of ``group`` (a ProcessGroup, a name from ``process_groups``, or None for all).

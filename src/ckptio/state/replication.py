@@ -65,7 +65,8 @@ class ReplicationMismatchError(CheckpointError, ValueError):
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of ``tensor``'s elements, in row-major order, on the CPU."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    array: Any = flat.view(torch.uint8).numpy()  # zero-copy view of the tensor's bytes
+    return memoryview(array)
 
 
 def _tensor_digest(tensor: torch.Tensor, level: ValidationLevel) -> str:

@@ -41,7 +41,8 @@ def _set_python_state(state: dict[str, Any]) -> None:
 
 
 def _numpy_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    keys = np.asarray(keys)
     return {
         "bit_generator": str(name),
         "keys": torch.from_numpy(keys.astype(np.int64)),

@@ -44,7 +44,7 @@ def _as_epoch(value: Any) -> float | None:
     if isinstance(value, _dt.datetime):
         if value.tzinfo is None:
             value = value.replace(tzinfo=_dt.timezone.utc)
-        return value.timestamp()
+        return float(value.timestamp())
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, str):
