@@ -287,9 +287,14 @@ class CheckpointManager:
             raise CheckpointExistsError(
                 f"cannot save to {path!r}: a complete checkpoint is already there; it is left untouched"
             )
-        if storage.walk():
+        if status is CheckpointStatus.INCOMPLETE:
             logger.warning("removing incomplete leftovers of an interrupted save at %s", path)
             storage.delete_prefix("")
+        elif storage.walk():
+            raise CheckpointExistsError(
+                f"cannot save to {path!r}: it holds files that are not a ckptio checkpoint; "
+                "they are left untouched; choose an empty location"
+            )
         name = path.rstrip("/").rsplit("/", 1)[-1]
         number = parse_checkpoint_id(name)
         begin_checkpoint(storage, checkpoint_id=name if number is None else number, world_size=world.world_size)

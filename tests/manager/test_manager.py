@@ -205,3 +205,11 @@ def test_save_model_writes_a_loadable_model_directory(backend_url) -> None:
     ckptio.load_checkpoint(target, fresh.model, storage_options=backend_url.storage_options)
     for a, b in zip(fresh.model.state_dict().values(), trainer.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_folder_of_foreign_files_is_never_cleared(backend_url) -> None:
+    foreign = storage_of(backend_url).child("checkpoints/checkpoint-3")
+    foreign.write_bytes("notes.txt", b"precious")
+    with pytest.raises(CheckpointExistsError, match="not a ckptio checkpoint"):
+        manager_for(TinyTrainer(), backend_url).save_checkpoint(checkpoint_id=3)
+    assert foreign.read_bytes("notes.txt") == b"precious"
