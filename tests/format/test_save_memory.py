@@ -12,7 +12,7 @@ import pytest
 STATE_BYTES = 512 * 2**20
 SKIP = {
     "memory": "memory:// holds every object in this process's RAM: nothing to measure",
-    "gcs": "the GCS emulator is too slow and memory-hungry for 512 MiB (see ENVIRONMENT.md)",
+    "gcs": "the GCS emulator is too slow and memory-hungry for 512 MiB: fake-gcs-server keeps objects in RAM",
 }
 
 CHILD = textwrap.dedent(
