@@ -42,6 +42,7 @@ from ckptio.checkpoint import (
     encode_metrics,
     find_latest_checkpoint,
     list_checkpoints,
+    location_name,
     maybe_delete_oldest_checkpoint,
     parse_checkpoint_id,
     read_manifest,
@@ -195,11 +196,16 @@ class CheckpointManager:
             raise CheckpointError(f"rank 0 failed: {error}")
         return result  # type: ignore[no-any-return]
 
+    def _key_below_output(self, path: str) -> str | None:
+        """``path`` relative to the output dir, or None when it lies elsewhere."""
+        root = self.storage.url.rstrip("/") + "/"
+        return path[len(root) :] if path.startswith(root) else None
+
     def _checkpoint_storage(self, path: str) -> Storage:
         """The storage of a checkpoint: below the output dir when it is there, else opened anew."""
-        root = self.storage.url.rstrip("/") + "/"
-        if path.startswith(root):
-            return self.storage.child(path[len(root) :])
+        key = self._key_below_output(path)
+        if key is not None:
+            return self.storage.child(key)
         return open_storage(path, **(self.config.storage_options or {}))
 
     def _next_checkpoint_id(self) -> int:
@@ -259,7 +265,7 @@ class CheckpointManager:
                 timestamp=utc_timestamp(),
                 components=manifest_entries(written),
                 format_version=FORMAT_VERSION,
-                checkpoint_id=parse_checkpoint_id(path.rstrip("/").rsplit("/", 1)[-1]),
+                checkpoint_id=parse_checkpoint_id(location_name(path)),
                 library_version=__version__,
                 torch_version=torch.__version__,
                 best_checkpoints=[e.to_json() for e in self.best_checkpoints],
@@ -295,7 +301,7 @@ class CheckpointManager:
                 f"cannot save to {path!r}: it holds files that are not a ckptio checkpoint; "
                 "they are left untouched; choose an empty location"
             )
-        name = path.rstrip("/").rsplit("/", 1)[-1]
+        name = location_name(path)
         number = parse_checkpoint_id(name)
         begin_checkpoint(storage, checkpoint_id=name if number is None else number, world_size=world.world_size)
 
@@ -313,8 +319,8 @@ class CheckpointManager:
         return FileRecord(METRICS_NAME, len(data), checksum_bytes(data))
 
     def _relative(self, path: str) -> str:
-        root = self.storage.url.rstrip("/") + "/"
-        return path[len(root) :] if path.startswith(root) else path.rstrip("/").rsplit("/", 1)[-1]
+        key = self._key_below_output(path)
+        return key if key is not None else location_name(path)
 
     def _rotate(self, committed_path: str) -> None:
         limit = self.config.save_total_limit
@@ -404,7 +410,7 @@ class CheckpointManager:
             raise InvalidArgumentError(f"metrics for {checkpoint_path!r} have no {metric_key!r}: {sorted(metrics)}")
         if greater_is_better is None:
             greater_is_better = infer_greater_is_better(metric_key)
-        name = checkpoint_path.rstrip("/").rsplit("/", 1)[-1]
+        name = location_name(checkpoint_path)
         candidate = BestEntry(name, metric_key, float(metrics[metric_key]), greater_is_better)
         self.best_checkpoints, is_best = rank_best(
             self.best_checkpoints, candidate, max(self.config.preserve_n_best, 1)
@@ -418,7 +424,7 @@ class CheckpointManager:
 
         Persisted in the manifest of every later save, so it survives a resume.
         """
-        self.best_checkpoint = best_checkpoint.rstrip("/").rsplit("/", 1)[-1]
+        self.best_checkpoint = location_name(best_checkpoint)
 
     def save_model(self, output_dir: str | None = None, overwrite_output_dir: bool = False) -> None:
         """Write a final Hugging Face-style model directory (weights, and ``config.json``
@@ -430,8 +436,9 @@ class CheckpointManager:
         if model is None:
             raise InvalidArgumentError("save_model needs a model; the manager was created without one")
         target = output_dir or self.config.output_dir
+        world = self._world()
         self._on_rank0(
-            self._world(),
+            world,
             lambda: save_model_directory(
                 self._checkpoint_storage(target),
                 model,
@@ -440,4 +447,4 @@ class CheckpointManager:
                 overwrite=overwrite_output_dir,
             ),
         )
-        self._world().barrier()
+        world.barrier()

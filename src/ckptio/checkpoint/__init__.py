@@ -19,6 +19,7 @@ from ckptio.checkpoint.layout import (
     checkpoint_dir_name,
     checkpoint_key,
     join_location,
+    location_name,
     next_checkpoint_path,
     parse_checkpoint_id,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "inspect_checkpoint",
     "is_committed",
     "join_location",
+    "location_name",
     "list_checkpoints",
     "load_checkpoint_metrics",
     "maybe_delete_oldest_checkpoint",

@@ -33,6 +33,7 @@ __all__ = [
     "checkpoint_dir_name",
     "checkpoint_key",
     "join_location",
+    "location_name",
     "next_checkpoint_path",
     "parse_checkpoint_id",
 ]
@@ -86,6 +87,11 @@ def checkpoint_dir_name(checkpoint_id: int | str) -> str:
 def checkpoint_key(checkpoint_id: int | str) -> str:
     """Return the key of a checkpoint relative to the output directory: ``checkpoints/checkpoint-<id>``."""
     return f"{CHECKPOINTS_DIR}/{checkpoint_dir_name(checkpoint_id)}"
+
+
+def location_name(location: str | os.PathLike[str]) -> str:
+    """The last component of a path or URL (``"checkpoint-7"`` for ``"s3://b/run/checkpoints/checkpoint-7/"``)."""
+    return os.fspath(location).rstrip("/").rsplit("/", 1)[-1]
 
 
 def join_location(base: str | os.PathLike[str] | Storage, key: str) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 from ckptio.checkpoint.commit import delete_checkpoint
 from ckptio.checkpoint.discovery import CheckpointEntry, entry_sort_key, list_checkpoints
-from ckptio.checkpoint.layout import CHECKPOINTS_DIR
+from ckptio.checkpoint.layout import CHECKPOINTS_DIR, location_name
 from ckptio.checkpoint.validate import CheckpointStatus
 from ckptio.errors import InvalidArgumentError, StorageError
 from ckptio.storage import Storage, resolve_storage
@@ -49,7 +49,7 @@ def _check_keep(keep: object) -> int:
 
 def checkpoint_names(checkpoints: Iterable[str] | None) -> set[str]:
     """Directory names of checkpoints given as names, paths or URLs (``".../checkpoint-7/"`` -> ``"checkpoint-7"``)."""
-    return {str(c).rstrip("/").rsplit("/", 1)[-1] for c in checkpoints or () if str(c).rstrip("/")}
+    return {location_name(c) for c in checkpoints or () if str(c).rstrip("/")}
 
 
 def select_for_deletion(entries: Iterable[CheckpointEntry], *, keep: int, preserved: set[str]) -> list[str]:

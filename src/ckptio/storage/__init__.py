@@ -7,7 +7,7 @@ it. This package never imports torch.
 
 from __future__ import annotations
 
-from ckptio.storage.base import ObjectInfo, Storage, StreamWriter, join, normalize_key, writing
+from ckptio.storage.base import ObjectInfo, Storage, StreamWriter, join, normalize_key
 from ckptio.storage.faults import FaultInjectingStorage, InjectedFault, SimulatedCrash
 from ckptio.storage.local import LocalStorage
 from ckptio.storage.registry import open_storage, resolve_storage, split_url
@@ -33,5 +33,4 @@ __all__ = [
     "open_storage",
     "resolve_storage",
     "split_url",
-    "writing",
 ]

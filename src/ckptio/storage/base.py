@@ -19,11 +19,9 @@ Guarantees every backend keeps:
 from __future__ import annotations
 
 import builtins
-import posixpath
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -235,20 +233,3 @@ class Storage(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
-
-
-@contextmanager
-def writing(storage: Storage, key: str) -> Iterator[StreamWriter]:
-    """Context manager over :meth:`Storage.open_writer`: commit on success, abort on error."""
-    writer = storage.open_writer(key)
-    try:
-        yield writer
-    except BaseException:
-        writer.abort()
-        raise
-    writer.commit()
-
-
-def parent_key(key: str) -> str:
-    """The key of the prefix that holds ``key`` ("" at the root)."""
-    return posixpath.dirname(normalize_key(key))
