@@ -21,7 +21,6 @@ from ckptio.checkpoint import (
     validate_checkpoint,
     verify_checkpoint,
 )
-from ckptio.components import MissingComponentWarning
 from ckptio.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -52,7 +51,12 @@ from ckptio.format import (
     save_shard_index,
     save_sharded_checkpoint,
 )
-from ckptio.manager import CheckpointConfig, CheckpointInterface, CheckpointManager
+from ckptio.manager import (
+    CheckpointConfig,
+    CheckpointInterface,
+    CheckpointManager,
+    MissingComponentWarning,
+)
 from ckptio.state import (
     RNGState,
     SharingPattern,

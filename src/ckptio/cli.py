@@ -30,13 +30,18 @@ from ckptio.checkpoint import (
     maybe_delete_oldest_checkpoint,
     verify_checkpoint,
 )
-from ckptio.errors import CheckpointError, CkptioError, CorruptCheckpointError, InvalidArgumentError
+from ckptio.errors import (
+    CheckpointError,
+    CkptioError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+)
 from ckptio.format import weight_files
 from ckptio.format.index import read_index
 from ckptio.format.safetensors_io import read_header
 from ckptio.format.torch_io import read_torch_file
-from ckptio.integrity import Crc32c
 from ckptio.storage import Storage, open_storage
+from ckptio.storage.integrity import Crc32c
 
 __all__ = ["build_parser", "main"]
 

@@ -9,7 +9,8 @@ also inherit the builtin they refine, so callers that already catch
     │   ├── ObjectNotFoundError (FileNotFoundError)
     │   ├── ObjectExistsError (FileExistsError)    exclusive create lost the race
     │   ├── StoragePermissionError (PermissionError)
-    │   └── TransientStorageError                 retries exhausted on a transient fault
+    │   ├── TransientStorageError                 retries exhausted on a transient fault
+    │   └── InjectedFault                         a permanent fault from FaultInjectingStorage
     ├── MissingDependencyError (ImportError)   an optional extra is not installed
     ├── InvalidArgumentError (ValueError)      the caller passed something unusable
     └── CheckpointError                        a checkpoint cannot be used
@@ -17,7 +18,16 @@ also inherit the builtin they refine, so callers that already catch
         ├── CheckpointExistsError (FileExistsError)  refusing to overwrite a complete one
         ├── CorruptCheckpointError (ValueError)    malformed or inconsistent content
         ├── IncompleteCheckpointError (FileNotFoundError)  a file it needs is missing
+        ├── StateDictMismatchError (ValueError)    tensors do not fit the module
+        ├── ReplicationMismatchError (ValueError)  a REPLICATED component differs across ranks
         └── WorldSizeMismatchError (ValueError)    per-rank state saved at another world size
+
+    Outside the tree, for fault injection and warnings:
+
+    TransientFault (ConnectionError)           an injected transient fault; retried like a 503
+    SimulatedCrash (BaseException)             the simulated death of the process
+    MissingComponentWarning (UserWarning)      an optional component was not restored
+    RNGStateWarning (RuntimeWarning)           RNG state was restored only in part
 
 Messages name the full URL of the object involved, what was wrong, and what is
 still safe.
@@ -32,12 +42,19 @@ __all__ = [
     "CkptioError",
     "CorruptCheckpointError",
     "IncompleteCheckpointError",
+    "InjectedFault",
     "InvalidArgumentError",
+    "MissingComponentWarning",
     "MissingDependencyError",
     "ObjectExistsError",
     "ObjectNotFoundError",
+    "RNGStateWarning",
+    "ReplicationMismatchError",
+    "SimulatedCrash",
+    "StateDictMismatchError",
     "StorageError",
     "StoragePermissionError",
+    "TransientFault",
     "TransientStorageError",
     "WorldSizeMismatchError",
 ]
@@ -65,6 +82,10 @@ class StoragePermissionError(StorageError, PermissionError):
 
 class TransientStorageError(StorageError):
     """A transient fault (timeout, 5xx, throttling) persisted past the retry budget."""
+
+
+class InjectedFault(StorageError):
+    """A permanent failure injected by :class:`~ckptio.storage.FaultInjectingStorage`."""
 
 
 class MissingDependencyError(CkptioError, ImportError):
@@ -95,5 +116,42 @@ class IncompleteCheckpointError(CheckpointError, FileNotFoundError):
     """A file a checkpoint needs is missing."""
 
 
+class StateDictMismatchError(CheckpointError, ValueError):
+    """The checkpoint's tensors do not fit the module (names, shapes or dtypes)."""
+
+
+class ReplicationMismatchError(CheckpointError, ValueError):
+    """A REPLICATED component differs across ranks.
+
+    Attributes:
+        key: the component key.
+        mismatches: ``(path, ranks)`` for each differing leaf, ``ranks`` being
+            those whose copy differs from rank 0's.
+        ranks: every rank that differs from rank 0 somewhere.
+    """
+
+    def __init__(self, message: str, *, key: str, mismatches: list[tuple[str, list[int]]]) -> None:
+        super().__init__(message)
+        self.key = key
+        self.mismatches = mismatches
+        self.ranks = sorted({r for _, ranks in mismatches for r in ranks})
+
+
 class WorldSizeMismatchError(CheckpointError, ValueError):
     """Per-rank state was saved with a different world size."""
+
+
+class TransientFault(ConnectionError):
+    """A transient failure, raised by fault injection and recognised by :func:`ckptio.storage.is_transient`."""
+
+
+class SimulatedCrash(BaseException):
+    """The simulated death of the process; nothing after it reaches storage."""
+
+
+class MissingComponentWarning(UserWarning):
+    """An optional component could not be restored; it keeps its current state."""
+
+
+class RNGStateWarning(RuntimeWarning):
+    """Saved RNG state could only be restored in part (e.g. another number of CUDA devices)."""

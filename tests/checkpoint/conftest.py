@@ -14,8 +14,8 @@ from ckptio.checkpoint import (
     parse_checkpoint_id,
     utc_timestamp,
 )
-from ckptio.integrity import FileRecord, checksum_bytes
 from ckptio.storage import Storage
+from ckptio.storage.integrity import FileRecord, checksum_bytes
 
 #: A tiny checkpoint: bytes standing in for weights and one component.
 DEFAULT_FILES = {"model.safetensors": b"w" * 64, "optimizer_state.pt": b"o" * 32}

@@ -19,8 +19,8 @@ from ckptio.checkpoint import (
     utc_timestamp,
 )
 from ckptio.errors import InvalidArgumentError
-from ckptio.integrity import FileRecord, checksum_bytes
 from ckptio.storage import FaultInjectingStorage, SimulatedCrash, Storage
+from ckptio.storage.integrity import FileRecord, checksum_bytes
 
 FILES = {"model.safetensors": b"weights" * 10, "optimizer_state.pt": b"optim"}
 

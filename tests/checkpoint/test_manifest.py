@@ -22,8 +22,8 @@ from ckptio.checkpoint import (
     write_manifest,
 )
 from ckptio.errors import CorruptCheckpointError, InvalidArgumentError
-from ckptio.integrity import FileRecord
 from ckptio.storage import Storage
+from ckptio.storage.integrity import FileRecord
 
 
 def _manifest() -> CheckpointManifest:

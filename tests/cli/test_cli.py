@@ -14,8 +14,8 @@ import torch
 import ckptio
 from ckptio._version import __version__
 from ckptio.checkpoint import IN_PROGRESS_NAME, MANIFEST_NAME
-from ckptio.format import weight_files
 from ckptio.cli import copy_order, format_size, main
+from ckptio.format import weight_files
 from ckptio.storage import open_storage
 
 

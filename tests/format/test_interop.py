@@ -12,7 +12,12 @@ transformers = pytest.importorskip("transformers")
 huggingface_hub = pytest.importorskip("huggingface_hub")
 from safetensors import safe_open
 
-from ckptio.format import SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME, load_checkpoint, save_checkpoint
+from ckptio.format import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    WEIGHTS_INDEX_NAME,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ckptio.format.index import index_shard_files, read_index
 from ckptio.storage import Storage, open_storage
 

@@ -19,8 +19,8 @@ from ckptio.format.safetensors_io import (
     tensor_chunks,
     write_safetensors,
 )
-from ckptio.integrity import checksum_object
 from ckptio.storage import Storage
+from ckptio.storage.integrity import checksum_object
 
 
 def _tensors() -> dict[str, torch.Tensor]:

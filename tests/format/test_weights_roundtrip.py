@@ -18,8 +18,8 @@ from ckptio.format import (
     weight_files,
     write_model_weights,
 )
-from ckptio.integrity import checksum_object
 from ckptio.storage import Storage, open_storage
+from ckptio.storage.integrity import checksum_object
 
 FORMATS = pytest.mark.parametrize("safetensors", [True, False], ids=["safetensors", "bin"])
 

@@ -19,7 +19,14 @@ from ckptio.format import (
     load_checkpoint,
     save_checkpoint,
 )
-from ckptio.storage import FaultInjectingStorage, SimulatedCrash, Storage, StorageWrapper, StreamWriter, open_storage
+from ckptio.storage import (
+    FaultInjectingStorage,
+    SimulatedCrash,
+    Storage,
+    StorageWrapper,
+    StreamWriter,
+    open_storage,
+)
 
 
 class _LoggedWriter(StreamWriter):

@@ -12,7 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckptio import CheckpointConfig, CheckpointManager, SharingPattern, StateComponent, TrainingProgress
+from ckptio import (
+    CheckpointConfig,
+    CheckpointManager,
+    SharingPattern,
+    StateComponent,
+    TrainingProgress,
+)
 
 
 class Provider:

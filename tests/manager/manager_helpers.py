@@ -7,7 +7,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckptio import CheckpointConfig, CheckpointManager, RNGState, SharingPattern, StateComponent, TrainingProgress
+from ckptio import (
+    CheckpointConfig,
+    CheckpointManager,
+    RNGState,
+    SharingPattern,
+    StateComponent,
+    TrainingProgress,
+)
 from ckptio.storage import Storage
 
 

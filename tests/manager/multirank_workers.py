@@ -8,7 +8,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ckptio import CheckpointConfig, CheckpointError, CheckpointManager, SharingPattern, StateComponent, TrainingProgress
+from ckptio import (
+    CheckpointConfig,
+    CheckpointError,
+    CheckpointManager,
+    SharingPattern,
+    StateComponent,
+    TrainingProgress,
+)
 from ckptio.checkpoint import find_latest_checkpoint, read_manifest
 from ckptio.state import World
 from ckptio.storage import open_storage

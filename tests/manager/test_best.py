@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ckptio.best import BestEntry, infer_greater_is_better, rank_best
+from ckptio.checkpoint.best import BestEntry, infer_greater_is_better, rank_best
 
 
 def entry(name: str, value: float, greater: bool = False, key: str = "loss") -> BestEntry:

@@ -17,7 +17,12 @@ from crash_child import build
 
 from ckptio import CheckpointError, find_latest_checkpoint
 from ckptio.checkpoint import list_checkpoints
-from ckptio.storage import FaultInjectingStorage, InjectedFault, SimulatedCrash, open_storage
+from ckptio.storage import (
+    FaultInjectingStorage,
+    InjectedFault,
+    SimulatedCrash,
+    open_storage,
+)
 
 CHILD = str(Path(__file__).with_name("crash_child.py"))
 KILLS = 10

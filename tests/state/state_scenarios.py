@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from state_spawn import simulated_nodes_env
 
 from ckptio.state import (

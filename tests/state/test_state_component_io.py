@@ -9,10 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from ckptio.errors import CorruptCheckpointError, IncompleteCheckpointError, InvalidArgumentError, StorageError
-from ckptio.integrity import checksum_object
-from ckptio.state import RNGState, TrainingProgress, load_component_state, save_component_state, unloadable_values
+from ckptio.errors import (
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    InvalidArgumentError,
+    StorageError,
+)
+from ckptio.state import (
+    RNGState,
+    TrainingProgress,
+    load_component_state,
+    save_component_state,
+    unloadable_values,
+)
 from ckptio.storage import FaultInjectingStorage, Storage
+from ckptio.storage.integrity import checksum_object
 
 # torchdata calls the deprecated torch.set_vital when a StatefulDataLoader is built.
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from ckptio.errors import CheckpointError, InvalidArgumentError
-from ckptio.state import ReplicationMismatchError, ValidationLevel, World, check_replicated, state_digests
+from ckptio.state import (
+    ReplicationMismatchError,
+    ValidationLevel,
+    World,
+    check_replicated,
+    state_digests,
+)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,13 @@ import pytest
 
 import ckptio.storage
 from ckptio.errors import InvalidArgumentError, MissingDependencyError
-from ckptio.storage import LocalStorage, RetryingStorage, join, normalize_key, open_storage
+from ckptio.storage import (
+    LocalStorage,
+    RetryingStorage,
+    join,
+    normalize_key,
+    open_storage,
+)
 from ckptio.storage.local import TEMP_PREFIX
 
 

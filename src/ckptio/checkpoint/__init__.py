@@ -8,8 +8,18 @@ Every function taking a directory accepts a local path, an fsspec URL or a
 
 from __future__ import annotations
 
-from ckptio.checkpoint.commit import begin_checkpoint, commit_checkpoint, delete_checkpoint, is_committed
-from ckptio.checkpoint.discovery import CheckpointEntry, entry_sort_key, find_latest_checkpoint, list_checkpoints
+from ckptio.checkpoint.commit import (
+    begin_checkpoint,
+    commit_checkpoint,
+    delete_checkpoint,
+    is_committed,
+)
+from ckptio.checkpoint.discovery import (
+    CheckpointEntry,
+    entry_sort_key,
+    find_latest_checkpoint,
+    list_checkpoints,
+)
 from ckptio.checkpoint.layout import (
     CHECKPOINT_PREFIX,
     CHECKPOINTS_DIR,
@@ -39,7 +49,11 @@ from ckptio.checkpoint.metrics import (
     load_checkpoint_metrics,
     save_checkpoint_metrics,
 )
-from ckptio.checkpoint.retention import checkpoint_names, maybe_delete_oldest_checkpoint, select_for_deletion
+from ckptio.checkpoint.retention import (
+    checkpoint_names,
+    maybe_delete_oldest_checkpoint,
+    select_for_deletion,
+)
 from ckptio.checkpoint.validate import (
     CheckpointInspection,
     CheckpointStatus,

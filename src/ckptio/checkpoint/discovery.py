@@ -23,9 +23,18 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ckptio.checkpoint.layout import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, join_location, parse_checkpoint_id
+from ckptio.checkpoint.layout import (
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS_DIR,
+    join_location,
+    parse_checkpoint_id,
+)
 from ckptio.checkpoint.manifest import parse_timestamp
-from ckptio.checkpoint.validate import CheckpointStatus, inspect_checkpoint, object_infos
+from ckptio.checkpoint.validate import (
+    CheckpointStatus,
+    inspect_checkpoint,
+    object_infos,
+)
 from ckptio.errors import CorruptCheckpointError, InvalidArgumentError
 from ckptio.storage import Storage, resolve_storage
 

@@ -25,9 +25,13 @@ import torch
 
 from ckptio._version import __version__
 from ckptio.checkpoint.layout import IN_PROGRESS_NAME, MANIFEST_NAME
-from ckptio.errors import CorruptCheckpointError, InvalidArgumentError, ObjectNotFoundError
-from ckptio.integrity import FileRecord
+from ckptio.errors import (
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    ObjectNotFoundError,
+)
 from ckptio.storage import Storage, normalize_key
+from ckptio.storage.integrity import FileRecord
 
 __all__ = [
     "FORMAT_VERSION",

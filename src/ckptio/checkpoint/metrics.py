@@ -23,9 +23,13 @@ from typing import Any
 
 from ckptio.checkpoint.layout import METRICS_NAME
 from ckptio.checkpoint.manifest import read_manifest, strict_json_loads, write_manifest
-from ckptio.errors import CorruptCheckpointError, InvalidArgumentError, ObjectNotFoundError
-from ckptio.integrity import FileRecord, checksum_bytes
+from ckptio.errors import (
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    ObjectNotFoundError,
+)
 from ckptio.storage import Storage, resolve_storage
+from ckptio.storage.integrity import FileRecord, checksum_bytes
 
 __all__ = ["decode_metrics", "encode_metrics", "load_checkpoint_metrics", "save_checkpoint_metrics"]
 

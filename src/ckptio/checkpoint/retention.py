@@ -27,7 +27,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from ckptio.checkpoint.commit import delete_checkpoint
-from ckptio.checkpoint.discovery import CheckpointEntry, entry_sort_key, list_checkpoints
+from ckptio.checkpoint.discovery import (
+    CheckpointEntry,
+    entry_sort_key,
+    list_checkpoints,
+)
 from ckptio.checkpoint.layout import CHECKPOINTS_DIR, location_name
 from ckptio.checkpoint.validate import CheckpointStatus
 from ckptio.errors import InvalidArgumentError, StorageError

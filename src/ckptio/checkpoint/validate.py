@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any
 
 from ckptio.checkpoint.layout import IN_PROGRESS_NAME, MANIFEST_NAME
 from ckptio.checkpoint.manifest import CheckpointManifest, read_manifest
-from ckptio.errors import CorruptCheckpointError, IncompleteCheckpointError, ObjectNotFoundError
+from ckptio.errors import (
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    ObjectNotFoundError,
+)
 from ckptio.format.constants import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -39,8 +42,9 @@ from ckptio.format.constants import (
     WEIGHTS_NAME,
 )
 from ckptio.format.index import index_shard_files, read_index
-from ckptio.integrity import checksum_object
 from ckptio.storage import ObjectInfo, Storage, resolve_storage
+from ckptio.storage.integrity import checksum_object
+from ckptio.storage.transfer import map_concurrently
 
 __all__ = [
     "CheckpointInspection",
@@ -54,8 +58,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-R = TypeVar("R")
 
 _INDEX_NAMES = (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)
 _WEIGHTS_NAMES = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME, *_INDEX_NAMES)
@@ -87,14 +89,6 @@ class CheckpointInspection:
     keys: list[str] = field(default_factory=list)
 
 
-def _concurrent_map(storage: Storage, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-    """``[fn(x) for x in items]``, in threads on remote storage (each call is a round trip)."""
-    if len(items) <= 1 or storage.local_path() is not None:
-        return [fn(item) for item in items]
-    with ThreadPoolExecutor(max_workers=min(_MAX_WORKERS, len(items))) as pool:
-        return list(pool.map(fn, items))
-
-
 def object_infos(storage: Storage, keys: Iterable[str]) -> dict[str, ObjectInfo]:
     """Size and modification time of each key that exists (missing ones are left out)."""
 
@@ -104,7 +98,7 @@ def object_infos(storage: Storage, keys: Iterable[str]) -> dict[str, ObjectInfo]
         except ObjectNotFoundError:
             return None
 
-    found = _concurrent_map(storage, info, list(keys))
+    found = map_concurrently(info, list(keys), workers=storage.concurrency(_MAX_WORKERS))
     return {i.key: i for i in found if i is not None}
 
 
@@ -212,7 +206,9 @@ def verify_checkpoint(
     if inspection.problems or inspection.manifest is None:
         return list(inspection.problems)
     records = inspection.manifest.files
-    found = _concurrent_map(storage, lambda r: _checksum_problem(storage, r.path, r.crc32c), records)
+    found = map_concurrently(
+        lambda r: _checksum_problem(storage, r.path, r.crc32c), records, workers=storage.concurrency(_MAX_WORKERS)
+    )
     problems = [p for p in found if p is not None]
     logger.info("verified %s: %d files, %d problems", storage.url, len(records), len(problems))
     return problems

@@ -21,10 +21,8 @@ __all__ = [
     "load_shard_index",
     "parse_index",
     "read_index",
-    "save_shard_index",
     "serialize_index",
     "validate_shard_file_name",
-    "write_index",
 ]
 
 
@@ -94,24 +92,6 @@ def index_shard_files(index: dict[str, Any]) -> list[str]:
 def read_index(storage: Storage, key: str) -> dict[str, Any]:
     """Read and validate the index object ``key`` of ``storage``."""
     return parse_index(storage.read_bytes(key), storage.url_of(key))
-
-
-def write_index(storage: Storage, key: str, index: dict[str, Any]) -> None:
-    """Publish an index atomically (validated first, so a bad plan is never published)."""
-    for shard in index["weight_map"].values():
-        validate_shard_file_name(shard, storage.url_of(key))
-    storage.write_bytes(key, serialize_index(index))
-
-
-def save_shard_index(
-    shard_index: dict[str, Any],
-    output_dir: str | os.PathLike[str] | Storage,
-    index_name: str,
-    *,
-    storage_options: dict[str, Any] | None = None,
-) -> None:
-    """Write ``shard_index`` as ``<output_dir>/<index_name>``, atomically."""
-    write_index(resolve_storage(output_dir, storage_options), index_name, shard_index)
 
 
 def load_shard_index(

@@ -17,19 +17,27 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from ckptio.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
+from ckptio.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    StateDictMismatchError,
+)
 from ckptio.format.constants import SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 from ckptio.format.index import read_index, validate_shard_file_name
 from ckptio.format.layout import detect_layout
 from ckptio.format.planner import PARAM_SHARING_KEY
-from ckptio.format.safetensors_io import SafetensorsHeader, read_header, read_safetensors
+from ckptio.format.safetensors_io import (
+    SafetensorsHeader,
+    read_header,
+    read_safetensors,
+)
 from ckptio.format.sharing import (
     create_sharing_metadata,
     declared_aliases,
@@ -39,47 +47,23 @@ from ckptio.format.sharing import (
 )
 from ckptio.format.torch_io import read_torch_file
 from ckptio.storage import Storage
+from ckptio.storage.transfer import map_unordered
 
 __all__ = ["StateDictMismatchError", "read_model_weights"]
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-R = TypeVar("R")
 
 #: Shards read at once.
 _READ_WORKERS = 4
 _SHOW = 20
 
 
-class StateDictMismatchError(CheckpointError, ValueError):
-    """The checkpoint's tensors do not fit the module (names, shapes or dtypes)."""
 
 
 def _names(names: Sequence[str]) -> str:
     shown = ", ".join(repr(n) for n in names[:_SHOW])
     return shown + (f" and {len(names) - _SHOW} more" if len(names) > _SHOW else "")
-
-
-def _bounded_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
-    """Run ``fn`` over ``items`` with at most ``workers`` in flight; yield in completion order."""
-    if workers <= 1 or len(items) <= 1:
-        for item in items:
-            yield fn(item)
-        return
-    pending: set[Future[R]] = set()
-    queue = list(items)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckptio-read") as pool:
-        try:
-            while queue or pending:
-                while queue and len(pending) < workers:
-                    pending.add(pool.submit(fn, queue.pop(0)))
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    yield future.result()
-        finally:
-            for future in pending:
-                future.cancel()
 
 
 def _checkpoint_sharing(metadata: Mapping[str, Any], url: str) -> list[list[str]]:
@@ -109,7 +93,7 @@ class _Catalog:
     def fetch_headers(self, file_names: Iterable[str]) -> None:
         """Fetch the headers of several safetensors shards concurrently."""
         todo = sorted({f for f in file_names if f.endswith(".safetensors") and f not in self.headers})
-        for name, header in _bounded_map(lambda f: (f, read_header(self.storage, f)), todo, _READ_WORKERS):
+        for name, header in map_unordered(lambda f: (f, read_header(self.storage, f)), todo, workers=_READ_WORKERS):
             self.headers[name] = header
 
 
@@ -180,7 +164,7 @@ def _read_state_dict(
     needed = sorted({sources[n] for n in wanted}, key=order.__getitem__)
     tensors: dict[str, torch.Tensor] = {}
     work = _by_file(weight_map, needed)
-    for part in _bounded_map(lambda item: _read_file(catalog, item[0], item[1], device), work, _READ_WORKERS):
+    for part in map_unordered(lambda item: _read_file(catalog, item[0], item[1], device), work, workers=_READ_WORKERS):
         tensors.update(part)
     return {n: tensors[sources[n]] for n in wanted}
 
@@ -247,8 +231,8 @@ def _load_into(
     stored_files = {stored: weight_map[stored] for stored in loads}
     _check_shapes(catalog, {s: targets[t] for s, t in loads.items()}, stored_files)
 
-    for part in _bounded_map(
-        lambda item: _read_file(catalog, item[0], item[1], device), _by_file(weight_map, loads), _READ_WORKERS
+    for part in map_unordered(
+        lambda item: _read_file(catalog, item[0], item[1], device), _by_file(weight_map, loads), workers=_READ_WORKERS
     ):
         renamed = {loads[stored]: tensor for stored, tensor in part.items()}
         _check_loaded_shapes(url, renamed, targets)

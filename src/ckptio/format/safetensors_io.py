@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from ckptio.errors import CorruptCheckpointError, InvalidArgumentError
-from ckptio.integrity import ChecksumWriter, FileRecord
 from ckptio.storage import Storage
+from ckptio.storage.integrity import ChecksumWriter, FileRecord
 
 __all__ = [
     "HeaderEntry",

@@ -19,8 +19,8 @@ from typing import IO, Any, cast
 import torch
 
 from ckptio.errors import CorruptCheckpointError
-from ckptio.integrity import ChecksumWriter, FileRecord
 from ckptio.storage import Storage, StreamWriter
+from ckptio.storage.integrity import ChecksumWriter, FileRecord
 
 __all__ = ["read_torch_file", "write_torch_file"]
 

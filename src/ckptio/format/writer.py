@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -24,14 +23,19 @@ from torch import nn
 
 from ckptio.errors import InvalidArgumentError
 from ckptio.format.constants import SAFETENSORS_METADATA, index_name_for
-from ckptio.format.index import index_shard_files, serialize_index, validate_shard_file_name
+from ckptio.format.index import (
+    index_shard_files,
+    serialize_index,
+    validate_shard_file_name,
+)
 from ckptio.format.layout import stale_weight_files
 from ckptio.format.planner import PARAM_SHARING_KEY, alias_names, make_shard_index
 from ckptio.format.safetensors_io import check_writable, write_safetensors
 from ckptio.format.sharing import create_sharing_metadata
 from ckptio.format.torch_io import write_torch_file
-from ckptio.integrity import FileRecord, checksum_bytes
 from ckptio.storage import Storage
+from ckptio.storage.integrity import FileRecord, checksum_bytes
+from ckptio.storage.transfer import map_concurrently
 
 __all__ = [
     "publish_index",
@@ -147,10 +151,7 @@ def write_shards(
         return record
 
     items = list(contents.items())
-    if storage.local_path() is not None or len(items) <= 1:
-        return [write(item) for item in items]
-    with ThreadPoolExecutor(max_workers=min(_UPLOAD_WORKERS, len(items)), thread_name_prefix="ckptio-shard") as pool:
-        return list(pool.map(write, items))
+    return map_concurrently(write, items, workers=storage.concurrency(_UPLOAD_WORKERS), thread_name="ckptio-shard")
 
 
 def publish_index(storage: Storage, index_name: str, shard_index: Mapping[str, Any]) -> FileRecord:

@@ -12,7 +12,11 @@
 
 from __future__ import annotations
 
-from ckptio.state.component_io import load_component_state, save_component_state, unloadable_values
+from ckptio.state.component_io import (
+    load_component_state,
+    save_component_state,
+    unloadable_values,
+)
 from ckptio.state.components import (
     SharingPattern,
     StateComponent,
@@ -24,7 +28,11 @@ from ckptio.state.components import (
 )
 from ckptio.state.distributed import NodeTopology, World, node_topology
 from ckptio.state.progress import TrainingProgress
-from ckptio.state.replication import ReplicationMismatchError, check_replicated, state_digests
+from ckptio.state.replication import (
+    ReplicationMismatchError,
+    check_replicated,
+    state_digests,
+)
 from ckptio.state.rng import RNGState, RNGStateWarning
 from ckptio.state.sharing import (
     WORLD_SIZE_POLICIES,

@@ -39,8 +39,8 @@ from ckptio.errors import (
     InvalidArgumentError,
     ObjectNotFoundError,
 )
-from ckptio.integrity import ChecksumWriter, FileRecord
 from ckptio.storage import Storage, StreamWriter
+from ckptio.storage.integrity import ChecksumWriter, FileRecord
 
 __all__ = ["load_component_state", "save_component_state", "unloadable_values"]
 

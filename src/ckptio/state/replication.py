@@ -33,10 +33,13 @@ from typing import Any
 
 import torch
 
-from ckptio.errors import CheckpointError, InvalidArgumentError
-from ckptio.integrity import Crc32c
+from ckptio.errors import (
+    InvalidArgumentError,
+    ReplicationMismatchError,
+)
 from ckptio.state.components import ValidationLevel
 from ckptio.state.distributed import World
+from ckptio.storage.integrity import Crc32c
 
 __all__ = ["ReplicationMismatchError", "check_replicated", "state_digests"]
 
@@ -45,21 +48,6 @@ _MAX_REPORTED = 5
 _PRIMITIVES = (int, float, bool, complex, str, bytes, bytearray, type(None), torch.dtype, torch.device)
 
 
-class ReplicationMismatchError(CheckpointError, ValueError):
-    """A REPLICATED component differs across ranks.
-
-    Attributes:
-        key: the component key.
-        mismatches: ``(path, ranks)`` for each differing leaf, ``ranks`` being
-            those whose copy differs from rank 0's.
-        ranks: every rank that differs from rank 0 somewhere.
-    """
-
-    def __init__(self, message: str, *, key: str, mismatches: list[tuple[str, list[int]]]) -> None:
-        super().__init__(message)
-        self.key = key
-        self.mismatches = mismatches
-        self.ranks = sorted({r for _, ranks in mismatches for r in ranks})
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:

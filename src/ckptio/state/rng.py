@@ -19,15 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptio.errors import InvalidArgumentError
+from ckptio.errors import InvalidArgumentError, RNGStateWarning
 
 __all__ = ["RNGState", "RNGStateWarning"]
 
 _FORMAT = 1
 
 
-class RNGStateWarning(RuntimeWarning):
-    """Saved RNG state could only be restored in part (e.g. another number of CUDA devices)."""
 
 
 def _python_state() -> dict[str, Any]:

@@ -21,11 +21,11 @@ from __future__ import annotations
 import builtins
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 
 from ckptio.errors import InvalidArgumentError
+from ckptio.storage.transfer import map_concurrently
 
 __all__ = ["ObjectInfo", "Storage", "StreamWriter", "join", "normalize_key"]
 
@@ -181,10 +181,7 @@ class Storage(ABC):
 
     def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> builtins.list[bytes]:
         """Read several ``[start, end)`` ranges of one object, concurrently where it helps."""
-        if len(ranges) <= 1:
-            return [self.read_bytes(key, s, e) for s, e in ranges]
-        with ThreadPoolExecutor(max_workers=min(8, len(ranges))) as pool:
-            return list(pool.map(lambda r: self.read_bytes(key, r[0], r[1]), ranges))
+        return map_concurrently(lambda r: self.read_bytes(key, r[0], r[1]), ranges, workers=self.concurrency(8))
 
     @abstractmethod
     def exists(self, key: str) -> bool:
@@ -225,6 +222,17 @@ class Storage(ABC):
     @abstractmethod
     def delete_prefix(self, prefix: str) -> None:
         """Delete every object below ``prefix`` (the prefix itself included on local disk)."""
+
+    # -- what kind of backend ------------------------------------------------
+    @property
+    def is_remote(self) -> bool:
+        """Whether each operation is a network round trip (object stores), worth overlapping."""
+        return False
+
+    def concurrency(self, wanted: int) -> int:
+        """How many requests to keep in flight when up to ``wanted`` would help: ``wanted``
+        on remote backends, 1 on local disk and in memory, where overlapping gains nothing."""
+        return max(1, wanted) if self.is_remote else 1
 
     # -- local access ------------------------------------------------------
     def local_path(self, key: str = "") -> str | None:

@@ -26,7 +26,6 @@ that opens sub-storages still sees one sequence of operations.
 from __future__ import annotations
 
 import builtins
-
 import errno
 import random
 import threading
@@ -34,9 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from ckptio.errors import StorageError
+from ckptio.errors import InjectedFault, SimulatedCrash, TransientFault
 from ckptio.storage.base import ObjectInfo, Storage, StreamWriter
-from ckptio.storage.retry import TransientFault
 from ckptio.storage.wrapper import StorageWrapper
 
 __all__ = ["FaultInjectingStorage", "InjectedFault", "SimulatedCrash"]
@@ -44,12 +42,8 @@ __all__ = ["FaultInjectingStorage", "InjectedFault", "SimulatedCrash"]
 T = TypeVar("T")
 
 
-class InjectedFault(StorageError):
-    """A permanent failure injected by :class:`FaultInjectingStorage`."""
 
 
-class SimulatedCrash(BaseException):
-    """The simulated death of the process; nothing after it reaches storage."""
 
 
 @dataclass

@@ -13,7 +13,6 @@ another process is seen at once.
 from __future__ import annotations
 
 import builtins
-
 import datetime as _dt
 import tempfile
 import threading
@@ -34,6 +33,8 @@ T = TypeVar("T")
 _UPLOADING_PROTOCOLS = {"s3", "s3a", "gs", "gcs"}
 #: Default part size of streaming uploads (a multiple of 256 KiB for GCS, >= 5 MiB for S3).
 DEFAULT_BLOCK_SIZE = 16 * 2**20
+#: Protocols served from this machine, where a request is not a network round trip.
+_IN_PROCESS_PROTOCOLS = {"memory", "file", "local"}
 _memory_create_lock = threading.Lock()
 
 
@@ -137,6 +138,10 @@ class FsspecStorage(Storage):
     @property
     def url(self) -> str:
         return f"{self.protocol}://{self._root.lstrip('/')}"
+
+    @property
+    def is_remote(self) -> bool:
+        return self.protocol not in _IN_PROCESS_PROTOCOLS
 
     def _path(self, key: str) -> str:
         key = normalize_key(key)

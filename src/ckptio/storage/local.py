@@ -10,7 +10,6 @@ listings skip and :meth:`LocalStorage.delete_prefix` removes.
 from __future__ import annotations
 
 import builtins
-
 import errno
 import os
 import shutil

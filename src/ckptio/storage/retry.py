@@ -24,6 +24,7 @@ from ckptio.errors import (
     ObjectNotFoundError,
     StorageError,
     StoragePermissionError,
+    TransientFault,
     TransientStorageError,
 )
 
@@ -72,8 +73,6 @@ _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
 _EXISTS_STATUS = {409, 412}
 
 
-class TransientFault(ConnectionError):
-    """A transient failure, raised by fault injection and recognised by :func:`is_transient`."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ read fetched only what it needed).
 from __future__ import annotations
 
 import builtins
-
 import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -79,6 +78,10 @@ class StorageWrapper(Storage):
 
     def local_path(self, key: str = "") -> str | None:
         return self.inner.local_path(key)
+
+    @property
+    def is_remote(self) -> bool:
+        return self.inner.is_remote
 
 
 class RetryingStorage(StorageWrapper):

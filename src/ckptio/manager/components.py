@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptio.checkpoint import CheckpointManifest, ComponentManifest
-from ckptio.errors import CorruptCheckpointError, IncompleteCheckpointError
-from ckptio.integrity import FileRecord, checksum_bytes
+from ckptio.errors import (
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    MissingComponentWarning,
+)
 from ckptio.state import (
     SharingPattern,
     StateComponent,
@@ -29,14 +32,13 @@ from ckptio.state import (
     save_component_state,
 )
 from ckptio.storage import Storage
+from ckptio.storage.integrity import FileRecord, checksum_bytes
 
 __all__ = ["ComponentFile", "MissingComponentWarning", "load_components", "manifest_entries", "save_components"]
 
 logger = logging.getLogger(__name__)
 
 
-class MissingComponentWarning(UserWarning):
-    """An optional component could not be restored; it keeps its current state."""
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ import torch
 
 from ckptio.errors import CheckpointExistsError
 from ckptio.format import weight_files, write_model_weights
-from ckptio.integrity import FileRecord, checksum_bytes
 from ckptio.storage import Storage
+from ckptio.storage.integrity import FileRecord, checksum_bytes
 
 __all__ = ["save_model_directory"]
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import crc32c as _crc32c
 
-from ckptio.storage import Storage, StreamWriter
+from ckptio.storage.base import Storage, StreamWriter
 
 __all__ = ["ChecksumWriter", "Crc32c", "FileRecord", "checksum_bytes", "checksum_object"]
 

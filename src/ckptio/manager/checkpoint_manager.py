@@ -23,12 +23,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from ckptio._version import __version__
-from ckptio.best import BestEntry, infer_greater_is_better, rank_best
 from ckptio.checkpoint import (
     CHECKPOINTS_DIR,
     FORMAT_VERSION,
@@ -50,7 +49,7 @@ from ckptio.checkpoint import (
     utc_timestamp,
     verify_checkpoint,
 )
-from ckptio.components import ComponentFile, load_components, manifest_entries, save_components
+from ckptio.checkpoint.best import BestEntry, infer_greater_is_better, rank_best
 from ckptio.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -61,74 +60,25 @@ from ckptio.errors import (
     StorageError,
 )
 from ckptio.format import read_model_weights, write_model_weights
-from ckptio.integrity import FileRecord, checksum_bytes
-from ckptio.model_dir import save_model_directory
+from ckptio.manager.components import (
+    ComponentFile,
+    load_components,
+    manifest_entries,
+    save_components,
+)
+from ckptio.manager.config import CheckpointConfig
+from ckptio.manager.model_dir import save_model_directory
 from ckptio.state import StateComponent, StatefulProvider, World, process_groups_of
 from ckptio.storage import Storage, open_storage
+from ckptio.storage.integrity import FileRecord, checksum_bytes
 
-__all__ = ["CheckpointConfig", "CheckpointInterface", "CheckpointManager"]
+__all__ = ["CheckpointManager"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 #: Manifest metadata key of the checkpoint marked with :meth:`CheckpointManager.set_best_checkpoint`.
 _BEST_MARK = "best_checkpoint"
-
-
-class CheckpointInterface(Protocol):
-    """What a trainer needs from a checkpointer."""
-
-    def save_checkpoint(self, checkpoint_path: str | None = None, checkpoint_id: int | str | None = None) -> str: ...
-
-    def load_checkpoint(self, checkpoint_path: str | None = None) -> None: ...
-
-    def save_model(self, output_dir: str | None = None, overwrite_output_dir: bool = False) -> None: ...
-
-    def set_best_checkpoint(self, best_checkpoint: str) -> None: ...
-
-    def resolve_checkpoint_path(self, checkpoint_path: str | None) -> str | None: ...
-
-
-@dataclass
-class CheckpointConfig:
-    """Where and how checkpoints are written.
-
-    Attributes:
-        output_dir: local path or URL; checkpoints go to ``<output_dir>/checkpoints/``.
-        save_total_limit: keep the newest N complete checkpoints (None: keep all).
-        save_safetensors: model weights as safetensors (else PyTorch ``.bin``).
-        max_shard_size: largest weights shard in bytes.
-        preserve_n_best: how many best checkpoints rotation never deletes.
-        storage_options: fsspec options for the backend (credentials, endpoint).
-        verify_checksums_on_load: recompute every file's CRC32C before loading.
-        on_world_size_change: what PER_RANK/PER_NODE state saved at another world
-            size does on load: ``"error"`` (default), ``"rank0"`` (every rank
-            loads rank 0's copy) or ``"skip"`` (leave it as initialised).
-    """
-
-    output_dir: str
-    save_total_limit: int | None = None
-    save_safetensors: bool = True
-    max_shard_size: int = 2**31
-    preserve_n_best: int = 1
-    storage_options: dict[str, Any] | None = None
-    verify_checksums_on_load: bool = False
-    on_world_size_change: str = "error"
-
-    def __post_init__(self) -> None:
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise InvalidArgumentError(
-                f"save_total_limit must be None or at least 1, got {self.save_total_limit}; "
-                "a limit below 1 would delete every checkpoint"
-            )
-        if self.preserve_n_best < 0:
-            raise InvalidArgumentError(f"preserve_n_best must be >= 0, got {self.preserve_n_best}")
-        if self.max_shard_size < 1:
-            raise InvalidArgumentError(f"max_shard_size must be positive, got {self.max_shard_size}")
-        if self.on_world_size_change not in ("error", "rank0", "skip"):
-            raise InvalidArgumentError(
-                f"on_world_size_change must be 'error', 'rank0' or 'skip', got {self.on_world_size_change!r}"
-            )
 
 
 @dataclass

@@ -1,0 +1,66 @@
+"""What a trainer needs from a checkpointer, and where and how checkpoints are written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ckptio.errors import InvalidArgumentError
+
+__all__ = ["CheckpointConfig", "CheckpointInterface"]
+
+
+class CheckpointInterface(Protocol):
+    """What a trainer needs from a checkpointer."""
+
+    def save_checkpoint(self, checkpoint_path: str | None = None, checkpoint_id: int | str | None = None) -> str: ...
+
+    def load_checkpoint(self, checkpoint_path: str | None = None) -> None: ...
+
+    def save_model(self, output_dir: str | None = None, overwrite_output_dir: bool = False) -> None: ...
+
+    def set_best_checkpoint(self, best_checkpoint: str) -> None: ...
+
+    def resolve_checkpoint_path(self, checkpoint_path: str | None) -> str | None: ...
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how checkpoints are written.
+
+    Attributes:
+        output_dir: local path or URL; checkpoints go to ``<output_dir>/checkpoints/``.
+        save_total_limit: keep the newest N complete checkpoints (None: keep all).
+        save_safetensors: model weights as safetensors (else PyTorch ``.bin``).
+        max_shard_size: largest weights shard in bytes.
+        preserve_n_best: how many best checkpoints rotation never deletes.
+        storage_options: fsspec options for the backend (credentials, endpoint).
+        verify_checksums_on_load: recompute every file's CRC32C before loading.
+        on_world_size_change: what PER_RANK/PER_NODE state saved at another world
+            size does on load: ``"error"`` (default), ``"rank0"`` (every rank
+            loads rank 0's copy) or ``"skip"`` (leave it as initialised).
+    """
+
+    output_dir: str
+    save_total_limit: int | None = None
+    save_safetensors: bool = True
+    max_shard_size: int = 2**31
+    preserve_n_best: int = 1
+    storage_options: dict[str, Any] | None = None
+    verify_checksums_on_load: bool = False
+    on_world_size_change: str = "error"
+
+    def __post_init__(self) -> None:
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise InvalidArgumentError(
+                f"save_total_limit must be None or at least 1, got {self.save_total_limit}; "
+                "a limit below 1 would delete every checkpoint"
+            )
+        if self.preserve_n_best < 0:
+            raise InvalidArgumentError(f"preserve_n_best must be >= 0, got {self.preserve_n_best}")
+        if self.max_shard_size < 1:
+            raise InvalidArgumentError(f"max_shard_size must be positive, got {self.max_shard_size}")
+        if self.on_world_size_change not in ("error", "rank0", "skip"):
+            raise InvalidArgumentError(
+                f"on_world_size_change must be 'error', 'rank0' or 'skip', got {self.on_world_size_change!r}"
+            )

@@ -1,0 +1,61 @@
+"""Requests in flight: the one place ckptio runs storage operations concurrently.
+
+Object-store requests are round trips: overlapping them is what makes a
+remote save or load fast. Local disk gains nothing from it (and a thread per
+file only adds contention), so :meth:`~ckptio.storage.Storage.concurrency`
+decides, per backend, how many requests to keep in flight; these helpers run
+a function over items with at most that many at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import TypeVar
+
+__all__ = ["map_concurrently", "map_unordered"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def map_concurrently(
+    fn: Callable[[T], R], items: Sequence[T], *, workers: int, thread_name: str = "ckptio"
+) -> list[R]:
+    """``[fn(x) for x in items]`` with at most ``workers`` calls in flight, results in input order.
+
+    The first exception raised by a call is raised here, after the calls already
+    started have finished.
+    """
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix=thread_name) as pool:
+        return list(pool.map(fn, items))
+
+
+def map_unordered(
+    fn: Callable[[T], R], items: Sequence[T], *, workers: int, thread_name: str = "ckptio"
+) -> Iterator[R]:
+    """Yield ``fn(x)`` for each item in completion order, at most ``workers`` in flight.
+
+    Items are submitted lazily, so a consumer that stops early (or raises)
+    leaves the remaining items unstarted; those not yet running are cancelled.
+    """
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    pending: set[Future[R]] = set()
+    queue = list(items)
+    queue.reverse()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=thread_name) as pool:
+        try:
+            while queue or pending:
+                while queue and len(pending) < workers:
+                    pending.add(pool.submit(fn, queue.pop()))
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+        finally:
+            for future in pending:
+                future.cancel()
