@@ -142,7 +142,7 @@ def cmd_inspect(args: argparse.Namespace, options: dict[str, Any]) -> int:
         if manifest.metadata:
             print(f"metadata: {json.dumps(manifest.metadata, sort_keys=True)}")
         print(f"components ({len(manifest.components)}):")
-        for c in manifest.components:
+        for c in manifest.components.values():
             ranks = ",".join(map(str, c.ranks))
             print(f"  {c.key}\t{c.sharing_pattern}\tranks {ranks}\t{format_size(c.size_bytes)}\t{len(c.files)} files")
     files = weight_files(storage)

@@ -76,7 +76,7 @@ def test_defaults_record_versions() -> None:
         __version__,
         torch.__version__,
     )
-    assert (manifest.components, manifest.files, manifest.best_checkpoints, manifest.metadata) == ([], [], [], {})
+    assert (manifest.components, manifest.files, manifest.best_checkpoints, manifest.metadata) == ({}, [], [], {})
 
 
 def test_write_then_read_on_storage(storage: Storage) -> None:
@@ -143,10 +143,11 @@ _MALFORMED = {
     "bad crc": (("files", 0, "crc32c"), "xyz"),
     "file record not an object": (("files", 0), "model.safetensors"),
     "files not a list": (("files",), {"model.safetensors": 100}),
-    "components not a list": (("components",), {}),
-    "unknown sharing pattern": (("components", 0, "sharing_pattern"), "everywhere"),
-    "ranks not ints": (("components", 0, "ranks"), ["0"]),
-    "component file escapes": (("components", 0, "files"), ["../x.pt"]),
+    "components neither object nor list": (("components",), "optimizer"),
+    "component entry not an object": (("components", "optimizer"), ["global"]),
+    "unknown sharing pattern": (("components", "optimizer", "sharing_pattern"), "everywhere"),
+    "ranks not ints": (("components", "optimizer", "ranks"), ["0"]),
+    "component file escapes": (("components", "optimizer", "files"), ["../x.pt"]),
     "metadata not an object": (("metadata",), [1]),
     "checkpoint_id is a float": (("checkpoint_id",), 7.5),
 }
@@ -202,3 +203,33 @@ def test_constructing_a_bad_manifest_is_a_value_error() -> None:
         CheckpointManifest(checkpoint_path=".", world_size=0, timestamp=utc_timestamp())
     with pytest.raises(ValueError, match="sharing_pattern"):
         ComponentManifest("x", "sometimes", [0])
+
+
+def test_components_are_an_object_keyed_by_component_key() -> None:
+    raw = _raw()
+    assert isinstance(raw["components"], dict)
+    assert list(raw["components"]) == ["optimizer", "rng", "ema", "sampler"]
+    assert raw["components"]["rng"]["files"] == ["rng_state_rank_0.pt", "rng_state_rank_1.pt"]
+    manifest = CheckpointManifest.from_json(raw)
+    assert manifest.components["ema"].replicated_across == [0, 1]
+
+
+def test_older_manifest_with_a_component_list_still_loads() -> None:
+    raw = _raw()
+    raw["components"] = list(raw["components"].values())
+    assert CheckpointManifest.from_json(raw) == _manifest()
+
+
+def test_component_keyed_under_another_name_is_corrupt() -> None:
+    raw = _raw()
+    raw["components"]["optimizer"]["key"] = "scheduler"
+    with pytest.raises(CorruptCheckpointError, match="components"):
+        CheckpointManifest.from_json(raw)
+
+
+def test_duplicate_component_keys_in_a_list_are_corrupt() -> None:
+    raw = _raw()
+    entries = list(raw["components"].values())
+    raw["components"] = [entries[0], entries[0]]
+    with pytest.raises(CorruptCheckpointError, match="more than once"):
+        CheckpointManifest.from_json(raw)

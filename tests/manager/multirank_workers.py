@@ -86,6 +86,6 @@ def save_load_every_pattern(rank: int, world_size: int, output: str) -> dict[str
     dist.barrier()
     result["latest"] = find_latest_checkpoint(output)
     manifest = read_manifest(open_storage(path))
-    result["manifest"] = {c.key: (c.ranks, c.files) for c in manifest.components} if manifest else None
+    result["manifest"] = {c.key: (c.ranks, c.files) for c in manifest.components.values()} if manifest else None
     result["world_size"] = manifest.world_size if manifest else None
     return result

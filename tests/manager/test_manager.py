@@ -73,7 +73,7 @@ def test_layout_and_manifest_list_every_file(backend_url) -> None:
     assert all(ckpt.size(name) == size for name, size in listed.items())
     assert manifest.checkpoint_path == "checkpoints/checkpoint-1"
     assert manifest.world_size == 1
-    components = {c.key: c for c in manifest.components}
+    components = manifest.components
     assert components["rng"].sharing_pattern == "per_rank" and components["rng"].ranks == [0]
     assert components["optimizer"].replicated_across == [0]
     assert json.loads(ckpt.read_bytes("eval_metrics.json")) == {"loss": 0.5}

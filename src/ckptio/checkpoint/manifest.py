@@ -218,6 +218,23 @@ class ComponentManifest:
         )
 
 
+def _components_by_key(components: object) -> dict[str, ComponentManifest]:
+    """Components keyed by their key, from a dict (checked) or a list of entries (older manifests)."""
+    if isinstance(components, dict):
+        entries = list(components.items())
+        for key, entry in entries:
+            if not isinstance(entry, ComponentManifest) or entry.key != key:
+                raise InvalidArgumentError(f"components[{key!r}] must be a ComponentManifest with key {key!r}")
+        return dict(entries)
+    if not isinstance(components, list) or not all(isinstance(c, ComponentManifest) for c in components):
+        raise InvalidArgumentError(f"components must be ComponentManifest entries, got {components!r}")
+    keys = [c.key for c in components]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise InvalidArgumentError(f"components lists {duplicates} more than once")
+    return {c.key: c for c in components}
+
+
 @dataclass(frozen=True)
 class CheckpointManifest:
     """The commit record of one checkpoint directory.
@@ -228,7 +245,9 @@ class CheckpointManifest:
         world_size: number of ranks that saved it.
         timestamp: ISO-8601 UTC with microseconds (:func:`utc_timestamp`), the
             order of checkpoints.
-        components: the state components and who wrote them.
+        components: the state components and who wrote them, keyed by component
+            key (the seed's ``Dict[str, ComponentManifest]``); a list of entries
+            is accepted and keyed by their ``key``.
         format_version: manifest format (:data:`FORMAT_VERSION`).
         checkpoint_id: the step number, a name, or None.
         library_version: ckptio version that wrote it.
@@ -241,7 +260,7 @@ class CheckpointManifest:
     checkpoint_path: str
     world_size: int
     timestamp: str
-    components: list[ComponentManifest] = field(default_factory=list)
+    components: dict[str, ComponentManifest] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     checkpoint_id: int | str | None = None
     library_version: str = __version__
@@ -267,11 +286,10 @@ class CheckpointManifest:
         for name in ("library_version", "torch_version"):
             if not isinstance(getattr(self, name), str):
                 raise InvalidArgumentError(f"{name} must be a string, got {getattr(self, name)!r}")
-        for what in ("components", "best_checkpoints", "files"):
+        for what in ("best_checkpoints", "files"):
             if not isinstance(getattr(self, what), list):
                 raise InvalidArgumentError(f"{what} must be a list, got {getattr(self, what)!r}")
-        if not all(isinstance(c, ComponentManifest) for c in self.components):
-            raise InvalidArgumentError("components must be ComponentManifest entries")
+        object.__setattr__(self, "components", _components_by_key(self.components))
         for entry in self.best_checkpoints:
             _dict(entry, "best_checkpoints entry")
         _dict(self.metadata, "metadata")
@@ -303,7 +321,7 @@ class CheckpointManifest:
             "timestamp": self.timestamp,
             "library_version": self.library_version,
             "torch_version": self.torch_version,
-            "components": [c.to_json() for c in self.components],
+            "components": {key: c.to_json() for key, c in self.components.items()},
             "best_checkpoints": self.best_checkpoints,
             "files": [r.to_json() for r in self.files],
             "metadata": self.metadata,
@@ -329,15 +347,19 @@ class CheckpointManifest:
             missing = {"checkpoint_path", "world_size", "timestamp", "format_version"} - set(obj)
             if missing:
                 raise InvalidArgumentError(f"required fields {sorted(missing)} are missing")
-            components = obj.get("components", [])
+            components = obj.get("components", {})
             files = obj.get("files", [])
-            if not isinstance(components, list) or not isinstance(files, list):
-                raise InvalidArgumentError("'components' and 'files' must be lists")
+            if not isinstance(components, dict | list) or not isinstance(files, list):
+                raise InvalidArgumentError("'components' must be an object (or a list) and 'files' a list")
+            if isinstance(components, dict):  # keyed by component key; older manifests hold a list
+                parsed: object = {k: ComponentManifest.from_json(c) for k, c in _dict(components, "components").items()}
+            else:
+                parsed = [ComponentManifest.from_json(c) for c in components]
             return cls(
                 checkpoint_path=obj["checkpoint_path"],
                 world_size=obj["world_size"],
                 timestamp=obj["timestamp"],
-                components=[ComponentManifest.from_json(c) for c in components],
+                components=_components_by_key(parsed),
                 format_version=obj["format_version"],
                 checkpoint_id=obj.get("checkpoint_id"),
                 library_version=obj.get("library_version", ""),

@@ -96,12 +96,12 @@ def save_components(storage: Storage, components: Sequence[StateComponent], worl
     return written
 
 
-def manifest_entries(files: Sequence[ComponentFile]) -> list[ComponentManifest]:
+def manifest_entries(files: Sequence[ComponentFile]) -> dict[str, ComponentManifest]:
     """Fold every rank's component files into one manifest entry per component key."""
     by_key: dict[str, list[ComponentFile]] = {}
     for item in files:
         by_key.setdefault(item.key, []).append(item)
-    entries = []
+    entries: dict[str, ComponentManifest] = {}
     for key, items in by_key.items():
         items.sort(key=lambda i: i.record.path)
         first = items[0]
@@ -109,18 +109,16 @@ def manifest_entries(files: Sequence[ComponentFile]) -> list[ComponentManifest]:
         checksum = items[0].record.crc32c if len(items) == 1 else checksum_bytes(
             "".join(i.record.crc32c for i in items).encode()
         )
-        entries.append(
-            ComponentManifest(
-                key=key,
-                sharing_pattern=first.sharing_pattern,
-                ranks=sorted({i.writer_rank for i in items}),
-                replicated_across=sorted(first.shared_by) if replicated else None,
-                group_name=first.group_name,
-                size_bytes=sum(i.record.size for i in items),
-                checksum=checksum,
-                metadata=first.metadata,
-                files=[i.record.path for i in items],
-            )
+        entries[key] = ComponentManifest(
+            key=key,
+            sharing_pattern=first.sharing_pattern,
+            ranks=sorted({i.writer_rank for i in items}),
+            replicated_across=sorted(first.shared_by) if replicated else None,
+            group_name=first.group_name,
+            size_bytes=sum(i.record.size for i in items),
+            checksum=checksum,
+            metadata=first.metadata,
+            files=[i.record.path for i in items],
         )
     return entries
 
@@ -151,7 +149,7 @@ def load_components(
         WorldSizeMismatchError: per-rank state from another world size (see
             ``on_world_size_change``).
     """
-    saved = {entry.key: entry for entry in manifest.components}
+    saved = manifest.components
     for component in components:
         entry = saved.get(component.key)
         if entry is None:
