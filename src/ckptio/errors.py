@@ -35,6 +35,8 @@ still safe.
 
 from __future__ import annotations
 
+from typing import Any, TypeVar, cast
+
 __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
@@ -60,8 +62,33 @@ __all__ = [
 ]
 
 
+_E = TypeVar("_E", bound="CkptioError")
+
+
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+    """An exception of class ``cls`` with ``args`` and attributes ``state``, without calling ``__init__``."""
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
 class CkptioError(Exception):
-    """Base class of every error raised by ckptio."""
+    """Base class of every error raised by ckptio.
+
+    Every ckptio error pickles with its attributes (so it can cross process
+    boundaries intact) and can be copied with another message
+    (:meth:`with_message`), keeping its class and attributes.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+    def with_message(self: _E, message: str) -> _E:
+        """A copy of this error, same class and attributes, whose message is ``message``."""
+        errno = getattr(self, "errno", None)
+        args = (errno, message) if isinstance(self, OSError) and errno is not None else (message,)
+        return cast(_E, _rebuild(type(self), args, dict(self.__dict__)))
 
 
 class StorageError(CkptioError, OSError):

@@ -16,7 +16,7 @@ from ckptio.checkpoint import (
     select_for_deletion,
 )
 from ckptio.errors import InvalidArgumentError
-from ckptio.storage import FaultInjectingStorage, Storage
+from ckptio.storage import FaultInjectingStorage, ObjectInfo, Storage
 
 COMPLETE, INCOMPLETE, NOT_A_CHECKPOINT = (
     CheckpointStatus.COMPLETE,
@@ -25,15 +25,29 @@ COMPLETE, INCOMPLETE, NOT_A_CHECKPOINT = (
 )
 
 
+_SAVE_FILES = ("model.safetensors", "optimizer_state.pt", IN_PROGRESS_NAME)
+
+
+def _objects(*keys: str) -> tuple[ObjectInfo, ...]:
+    return tuple(ObjectInfo(key, 1, None) for key in keys)
+
+
 def _entry(
-    number: int, second: int, status: CheckpointStatus = COMPLETE, *, error: str | None = None
+    number: int,
+    second: int,
+    status: CheckpointStatus = COMPLETE,
+    *,
+    error: str | None = None,
+    files: tuple[str, ...] = _SAVE_FILES,
 ) -> CheckpointEntry:
     stamp = f"2024-01-01T00:00:{second:02d}.000000+00:00"
-    return CheckpointEntry(f"checkpoint-{number}", number, status, stamp, None, error=error)
+    return CheckpointEntry(f"checkpoint-{number}", number, status, stamp, None, error=error, objects=_objects(*files))
 
 
-def _legacy(number: int, mtime: float | None, status: CheckpointStatus) -> CheckpointEntry:
-    return CheckpointEntry(f"checkpoint-{number}", number, status, None, mtime)
+def _legacy(
+    number: int, mtime: float | None, status: CheckpointStatus, files: tuple[str, ...] = _SAVE_FILES
+) -> CheckpointEntry:
+    return CheckpointEntry(f"checkpoint-{number}", number, status, None, mtime, objects=_objects(*files))
 
 
 # -- the pure policy ----------------------------------------------------------------
@@ -72,11 +86,45 @@ def test_never_deletes_what_it_cannot_judge() -> None:
     entries = [
         _entry(1, 1, INCOMPLETE, error="malformed manifest"),
         _legacy(2, None, INCOMPLETE),  # age unknown
-        _legacy(3, 1.0, NOT_A_CHECKPOINT),  # unrecognised content
+        _legacy(3, 1.0, NOT_A_CHECKPOINT, ("notes.txt",)),  # unrecognised content
+        _legacy(4, 1.0, NOT_A_CHECKPOINT, ("model-00001-of-00002.safetensors", "data.csv")),  # mixed in
+        _entry(6, 1, INCOMPLETE, files=(IN_PROGRESS_NAME, "sub/optimizer_state.pt")),  # a nested folder
         _entry(9, 2, INCOMPLETE),  # numbered after the newest: a save in progress despite an older clock
         _entry(5, 3),
     ]
     assert select_for_deletion(entries, keep=1, preserved=set()) == []
+
+
+def test_deletes_an_older_folder_holding_only_checkpoint_files() -> None:
+    shards_without_index = _legacy(
+        1, 1.0, NOT_A_CHECKPOINT, ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    )
+    components_only = _legacy(2, 2.0, NOT_A_CHECKPOINT, ("optimizer_state.pt", "rng_state_rank_0.pt", "eval_metrics.json"))
+    newer_shards = _legacy(9, 2e9, NOT_A_CHECKPOINT, ("model-00001-of-00002.safetensors",))  # after the newest
+    entries = [shards_without_index, components_only, _entry(5, 3), newer_shards]
+    assert select_for_deletion(entries, keep=1, preserved=set()) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_preserved_checkpoints_count_toward_the_limit() -> None:
+    entries = [_entry(n, n) for n in range(1, 6)]
+    # save_total_limit=2 with an older best: the best and the newest, not three.
+    assert select_for_deletion(entries, keep=2, preserved={"checkpoint-1"}) == [
+        "checkpoint-2",
+        "checkpoint-3",
+        "checkpoint-4",
+    ]
+    assert select_for_deletion(entries, keep=3, preserved={"checkpoint-1"}) == ["checkpoint-2", "checkpoint-3"]
+    # More preserved than the limit: all of them and the newest stay, even above the limit.
+    assert select_for_deletion(entries, keep=2, preserved={"checkpoint-1", "checkpoint-2"}) == [
+        "checkpoint-3",
+        "checkpoint-4",
+    ]
+    # A preserved name that is not there takes no place.
+    assert select_for_deletion(entries, keep=2, preserved={"checkpoint-99"}) == [
+        "checkpoint-1",
+        "checkpoint-2",
+        "checkpoint-3",
+    ]
 
 
 def test_with_no_complete_checkpoint_nothing_is_deleted() -> None:
@@ -99,6 +147,7 @@ def test_checkpoint_names_accepts_names_paths_and_urls() -> None:
     given = ["checkpoint-1", "/run/checkpoints/checkpoint-2/", "s3://b/r/checkpoints/checkpoint-3"]
     assert checkpoint_names(given) == {"checkpoint-1", "checkpoint-2", "checkpoint-3"}
     assert checkpoint_names(None) == set()
+    assert checkpoint_names("s3://b/r/checkpoints/checkpoint-12") == {"checkpoint-12"}  # one path, not characters
 
 
 # -- on storage -----------------------------------------------------------------------
@@ -115,8 +164,10 @@ def test_rotation_deletes_old_and_leftovers_keeps_preserved(make_checkpoint, sto
         make_checkpoint(f"checkpoint-{n}")  # committed after it, timestamped now
     best = f"{backend_url.url}/checkpoints/checkpoint-1"
     assert _names(storage) == [f"checkpoint-{n}" for n in range(1, 6)]
-    deleted = maybe_delete_oldest_checkpoint(backend_url.url, 2, [best], storage_options=backend_url.storage_options)
-    assert deleted == ["checkpoint-2", "checkpoint-3"]
+    deleted = maybe_delete_oldest_checkpoint(
+        backend_url.url, 3, preserved_checkpoints=[best], storage_options=backend_url.storage_options
+    )
+    assert deleted == ["checkpoint-2", "checkpoint-3"]  # the best counts toward the 3 kept
     assert _names(storage) == ["checkpoint-1", "checkpoint-4", "checkpoint-5"]
     assert storage.walk("checkpoints/checkpoint-3") == []
     assert find_latest_checkpoint(storage) == storage.url_of("checkpoints/checkpoint-5")
@@ -162,10 +213,9 @@ def test_deletion_removes_the_manifest_first(make_checkpoint, storage, at) -> No
 def test_a_failed_deletion_is_skipped_and_finished_by_a_later_rotation(make_checkpoint, storage, at) -> None:
     make_checkpoint("checkpoint-1", at=at(1))
     make_checkpoint("checkpoint-2", at=at(2))
-    probe = FaultInjectingStorage(storage)
-    list_checkpoints(probe)
-    # Fail right after the manifest of checkpoint-1 is deleted (marker written, manifest deleted).
-    faulty = FaultInjectingStorage(storage, fail_after_ops=probe.operations + 2)
+    list_checkpoints(storage)  # this process has now read both manifests: rotation lists once, reads none
+    # Fail right after the manifest of checkpoint-1 is deleted (list, marker written, manifest deleted).
+    faulty = FaultInjectingStorage(storage, fail_after_ops=3)
     assert maybe_delete_oldest_checkpoint(faulty, 1) == []
     assert faulty.log[-3:] == [f"write {IN_PROGRESS_NAME}", f"delete {MANIFEST_NAME}", "list "]
     statuses = {e.name: e.status for e in list_checkpoints(storage)}
@@ -173,3 +223,41 @@ def test_a_failed_deletion_is_skipped_and_finished_by_a_later_rotation(make_chec
     make_checkpoint("checkpoint-3")  # the next save commits after the failed deletion
     assert maybe_delete_oldest_checkpoint(storage, 1) == ["checkpoint-2", "checkpoint-1"]  # oldest first
     assert _names(storage) == ["checkpoint-3"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_the_seed_style_best_checkpoint_argument_is_preserved(make_checkpoint, storage, backend_url, at) -> None:
+    for n in (1, 2, 3):
+        make_checkpoint(f"checkpoint-{n}", at=at(n))
+    best = f"{backend_url.url}/checkpoints/checkpoint-1"
+    deleted = maybe_delete_oldest_checkpoint(backend_url.url, 2, best, storage_options=backend_url.storage_options)
+    assert deleted == ["checkpoint-2"]
+    assert _names(storage) == ["checkpoint-1", "checkpoint-3"]
+
+
+def test_best_checkpoint_is_a_deprecated_alias(make_checkpoint, storage, at) -> None:
+    make_checkpoint("checkpoint-1", at=at(1))
+    make_checkpoint("checkpoint-2", at=at(2))
+    with pytest.warns(DeprecationWarning, match="preserved_checkpoints"):
+        assert maybe_delete_oldest_checkpoint(storage, 1, best_checkpoint="checkpoint-1") == []
+
+
+def test_a_single_preserved_path_means_that_one_checkpoint(make_checkpoint, storage, at) -> None:
+    for n in (1, 2, 3):
+        make_checkpoint(f"checkpoint-{n}", at=at(n))
+    assert maybe_delete_oldest_checkpoint(storage, 2, preserved_checkpoints=storage.url_of("checkpoints/checkpoint-2")) == [
+        "checkpoint-1"
+    ]
+    assert _names(storage) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_rotation_removes_an_older_folder_of_shards_without_index_and_keeps_foreign_ones(
+    make_checkpoint, storage, at
+) -> None:
+    storage.write_bytes("checkpoints/checkpoint-1/model-00001-of-00002.safetensors", b"x")
+    storage.write_bytes("checkpoints/checkpoint-2/model-00001-of-00002.safetensors", b"x")
+    storage.write_bytes("checkpoints/checkpoint-2/my_notes.txt", b"mine")
+    make_checkpoint("checkpoint-3")  # committed now: newer than both folders
+    assert maybe_delete_oldest_checkpoint(storage, 1) == ["checkpoint-1"]
+    assert storage.walk("checkpoints/checkpoint-1") == []
+    assert storage.read_bytes("checkpoints/checkpoint-2/my_notes.txt") == b"mine"

@@ -118,7 +118,8 @@ def test_rotation_keeps_newest_and_best(backend_url) -> None:
     for loss in (0.5, 0.7, 0.9):
         path = manager.save_checkpoint()
         assert not manager.update_best_checkpoints(path, {"loss": loss})
-    assert stored_checkpoints(backend_url) == ["checkpoint-1", "checkpoint-3", "checkpoint-4"]
+    # The best counts toward save_total_limit=2, as in the Hugging Face Trainer: the best and the newest.
+    assert stored_checkpoints(backend_url) == ["checkpoint-1", "checkpoint-4"]
     assert load_checkpoint_metrics(first, storage_options=backend_url.storage_options) == {"loss": 0.0}
 
 

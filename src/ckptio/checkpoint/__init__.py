@@ -16,9 +16,11 @@ from ckptio.checkpoint.commit import (
 )
 from ckptio.checkpoint.discovery import (
     CheckpointEntry,
+    CheckpointScan,
     entry_sort_key,
     find_latest_checkpoint,
     list_checkpoints,
+    scan_checkpoints,
 )
 from ckptio.checkpoint.layout import (
     CHECKPOINT_PREFIX,
@@ -28,6 +30,7 @@ from ckptio.checkpoint.layout import (
     METRICS_NAME,
     checkpoint_dir_name,
     checkpoint_key,
+    is_checkpoint_file,
     join_location,
     location_name,
     next_checkpoint_path,
@@ -52,6 +55,7 @@ from ckptio.checkpoint.metrics import (
 from ckptio.checkpoint.retention import (
     checkpoint_names,
     maybe_delete_oldest_checkpoint,
+    rotate_checkpoints,
     select_for_deletion,
 )
 from ckptio.checkpoint.validate import (
@@ -59,7 +63,6 @@ from ckptio.checkpoint.validate import (
     CheckpointStatus,
     checkpoint_status,
     inspect_checkpoint,
-    object_infos,
     validate_checkpoint,
     verify_checkpoint,
 )
@@ -75,6 +78,7 @@ __all__ = [
     "CheckpointEntry",
     "CheckpointInspection",
     "CheckpointManifest",
+    "CheckpointScan",
     "CheckpointStatus",
     "ComponentManifest",
     "begin_checkpoint",
@@ -89,6 +93,7 @@ __all__ = [
     "entry_sort_key",
     "find_latest_checkpoint",
     "inspect_checkpoint",
+    "is_checkpoint_file",
     "is_committed",
     "join_location",
     "location_name",
@@ -96,11 +101,12 @@ __all__ = [
     "load_checkpoint_metrics",
     "maybe_delete_oldest_checkpoint",
     "next_checkpoint_path",
-    "object_infos",
     "parse_checkpoint_id",
     "parse_timestamp",
     "read_manifest",
+    "rotate_checkpoints",
     "save_checkpoint_metrics",
+    "scan_checkpoints",
     "select_for_deletion",
     "utc_timestamp",
     "validate_checkpoint",

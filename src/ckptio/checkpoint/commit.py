@@ -111,17 +111,16 @@ def delete_checkpoint(storage: Storage) -> None:
     """Delete a whole checkpoint directory, never leaving a directory that looks complete.
 
     Writes the in-progress marker, deletes the manifest, deletes every other
-    object, and deletes the marker (and, on local disk, the directory) last. A
-    crash at any point leaves an incomplete checkpoint, which later rotation
-    removes.
+    object (in batches where the backend has a batch delete), and deletes the
+    marker (and, on local disk, the directory) last. A crash at any point
+    leaves an incomplete checkpoint, which later rotation removes.
 
     Raises:
         StorageError: a delete failed; what remains is marked incomplete.
     """
     storage.write_bytes(IN_PROGRESS_NAME, _marker_bytes(checkpoint_id=None, world_size=None, action="delete"))
     storage.delete(MANIFEST_NAME, missing_ok=True)
-    for key in storage.walk(""):
-        if key != IN_PROGRESS_NAME:
-            storage.delete(key, missing_ok=True)
+    others = [key for key in storage.walk("") if key not in (IN_PROGRESS_NAME, MANIFEST_NAME)]
+    storage.delete_many(others)  # one batch request per 1,000 objects on S3 and GCS
     storage.delete_prefix("")
     logger.debug("deleted checkpoint %s", storage.url)

@@ -7,20 +7,24 @@ manifest falls back to the newest modification time of the objects inside it:
 directory modification times do not exist on object stores and change on
 local disk whenever a file is added, so they are never used.
 
-Discovery reads the storage afresh on every call (one listing of
-``checkpoints/``, one manifest read per checkpoint, size lookups), renames
-nothing and caches nothing, so it answers the same on local disk, S3 and GCS,
-and sees checkpoints written by other processes at once. A checkpoint whose
-manifest or index is malformed is reported as incomplete with a warning;
-discovery itself never raises for one.
+Discovery costs one paginated listing of everything under ``checkpoints/``,
+whatever the number of checkpoints: the listing carries every object's size
+and modification time, so no file is ever stat'ed, and a manifest is read only
+the first time this process sees it (a committed manifest never changes; see
+:func:`~ckptio.checkpoint.manifest.read_manifest`). The listing itself is
+never cached, so discovery sees checkpoints written or deleted by other
+processes at once, and renames nothing, so it answers the same on local disk,
+S3 and GCS. A checkpoint whose manifest or index is malformed is reported as
+incomplete with a warning; discovery itself never raises for one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ckptio.checkpoint.layout import (
@@ -29,16 +33,22 @@ from ckptio.checkpoint.layout import (
     join_location,
     parse_checkpoint_id,
 )
-from ckptio.checkpoint.manifest import parse_timestamp
+from ckptio.checkpoint.manifest import CheckpointManifest, parse_timestamp
 from ckptio.checkpoint.validate import (
     CheckpointStatus,
     inspect_checkpoint,
-    object_infos,
 )
 from ckptio.errors import CorruptCheckpointError, InvalidArgumentError
-from ckptio.storage import Storage, resolve_storage
+from ckptio.storage import ObjectInfo, Storage, resolve_storage
 
-__all__ = ["CheckpointEntry", "entry_sort_key", "find_latest_checkpoint", "list_checkpoints"]
+__all__ = [
+    "CheckpointEntry",
+    "CheckpointScan",
+    "entry_sort_key",
+    "find_latest_checkpoint",
+    "list_checkpoints",
+    "scan_checkpoints",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +70,8 @@ class CheckpointEntry:
         size_bytes: total size of the files its manifest lists, None without one.
         error: why it could not be inspected (malformed manifest or index);
             rotation never deletes such a checkpoint.
+        manifest: its parsed manifest, when it has a readable one.
+        objects: the objects the listing found in it (keys relative to it).
     """
 
     name: str
@@ -70,6 +82,8 @@ class CheckpointEntry:
     url: str = ""
     size_bytes: int | None = None
     error: str | None = None
+    manifest: CheckpointManifest | None = field(default=None, compare=False, repr=False)
+    objects: tuple[ObjectInfo, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def is_complete(self) -> bool:
@@ -96,20 +110,19 @@ def entry_sort_key(entry: CheckpointEntry) -> tuple[_dt.datetime, int, str]:
     return (time if time is not None else _UNKNOWN_TIME, number, entry.name)
 
 
-def _entry(storage: Storage, name: str, keys: list[str]) -> CheckpointEntry:
-    """Inspect one checkpoint directory whose object keys are already listed."""
+def _entry(storage: Storage, name: str, objects: list[ObjectInfo]) -> CheckpointEntry:
+    """Inspect one checkpoint directory whose objects are already listed."""
     checkpoint = storage.child(f"{CHECKPOINTS_DIR}/{name}")
     error: str | None = None
     try:
-        inspection = inspect_checkpoint(checkpoint, keys=keys)
+        inspection = inspect_checkpoint(checkpoint, objects=objects)
         status, manifest = inspection.status, inspection.manifest
     except CorruptCheckpointError as exc:
         logger.warning("treating %s as incomplete: %s", checkpoint.url, exc)
         status, manifest, error = CheckpointStatus.INCOMPLETE, None, str(exc)
     mtime: float | None = None
     if manifest is None:
-        times = [i.mtime for i in object_infos(checkpoint, keys).values() if i.mtime is not None]
-        mtime = max(times, default=None)
+        mtime = max((o.mtime for o in objects if o.mtime is not None), default=None)
     return CheckpointEntry(
         name=name,
         checkpoint_id=parse_checkpoint_id(name),
@@ -119,6 +132,8 @@ def _entry(storage: Storage, name: str, keys: list[str]) -> CheckpointEntry:
         url=checkpoint.url,
         size_bytes=manifest.total_size if manifest is not None else None,
         error=error,
+        manifest=manifest,
+        objects=tuple(objects),
     )
 
 
@@ -137,19 +152,46 @@ def list_checkpoints(
     Raises:
         StorageError: the listing itself failed. A malformed checkpoint never raises.
     """
-    return _scan(resolve_storage(model_dir_or_storage, storage_options))[0]
+    return scan_checkpoints(resolve_storage(model_dir_or_storage, storage_options)).entries
 
 
-def _scan(storage: Storage) -> tuple[list[CheckpointEntry], bool]:
-    """The sorted entries under ``checkpoints/``, and whether it holds any object at all."""
-    groups: dict[str, list[str]] = {}
-    keys = storage.walk(CHECKPOINTS_DIR)
-    for key in keys:
-        name, sep, rest = key.partition("/")
+@dataclass(frozen=True)
+class CheckpointScan:
+    """What one listing of ``<model_dir>/checkpoints/`` found.
+
+    Attributes:
+        entries: every ``checkpoint-*`` directory, oldest first.
+        has_objects: whether ``checkpoints/`` holds any object at all.
+    """
+
+    entries: list[CheckpointEntry]
+    has_objects: bool
+
+    @property
+    def latest_complete(self) -> CheckpointEntry | None:
+        """The newest complete checkpoint, or None."""
+        complete = [e for e in self.entries if e.is_complete]
+        return complete[-1] if complete else None
+
+    def next_checkpoint_id(self) -> int:
+        """One past the highest checkpoint number (1 for an empty run)."""
+        return max((e.checkpoint_id for e in self.entries if e.checkpoint_id is not None), default=0) + 1
+
+
+def scan_checkpoints(storage: Storage) -> CheckpointScan:
+    """List and classify ``checkpoints/checkpoint-*`` below ``storage`` in one listing.
+
+    Requests: one paginated listing, plus one read per manifest this process
+    has not read before; none per file.
+    """
+    groups: dict[str, list[ObjectInfo]] = {}
+    objects = storage.list_objects(CHECKPOINTS_DIR)
+    for info in objects:
+        name, sep, rest = info.key.partition("/")
         if sep and rest and name.startswith(CHECKPOINT_PREFIX):
-            groups.setdefault(name, []).append(rest)
+            groups.setdefault(name, []).append(dataclasses.replace(info, key=rest))
     entries = [_entry(storage, name, group) for name, group in groups.items()]
-    return sorted(entries, key=entry_sort_key), bool(keys)
+    return CheckpointScan(sorted(entries, key=entry_sort_key), bool(objects))
 
 
 def find_latest_checkpoint(
@@ -171,11 +213,11 @@ def find_latest_checkpoint(
         path, a URL stays a URL; a Storage gives its URL), or None.
     """
     storage = resolve_storage(model_dir, storage_options)
-    entries, has_checkpoints_dir = _scan(storage)
-    complete = [e for e in entries if e.is_complete]
-    if complete:
-        return join_location(model_dir, f"{CHECKPOINTS_DIR}/{complete[-1].name}")
-    if has_checkpoints_dir:
+    scan = scan_checkpoints(storage)
+    latest = scan.latest_complete
+    if latest is not None:
+        return join_location(model_dir, f"{CHECKPOINTS_DIR}/{latest.name}")
+    if scan.has_objects:
         return None
     try:
         status = inspect_checkpoint(storage).status

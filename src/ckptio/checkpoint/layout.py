@@ -22,6 +22,7 @@ import os
 import re
 
 from ckptio.errors import InvalidArgumentError
+from ckptio.format.layout import is_weight_file_name
 from ckptio.storage import Storage
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "METRICS_NAME",
     "checkpoint_dir_name",
     "checkpoint_key",
+    "is_checkpoint_file",
     "join_location",
     "location_name",
     "next_checkpoint_path",
@@ -45,6 +47,19 @@ IN_PROGRESS_NAME = "checkpoint_in_progress.json"
 METRICS_NAME = "eval_metrics.json"
 
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-([0-9]+)$")
+#: Component state files: ``{key}_state.pt``, ``..._rank_{r}.pt``, ``..._node_{n}.pt``, ``..._group_{g}_grank_{r}.pt``.
+_COMPONENT_FILE = re.compile(r"^[^/]+_state(_rank_[0-9]+|_node_[0-9]+|_group_[^/]+_grank_[0-9]+)?\.pt$")
+_COMMIT_FILES = frozenset({MANIFEST_NAME, IN_PROGRESS_NAME, METRICS_NAME})
+
+
+def is_checkpoint_file(key: str) -> bool:
+    """Whether ``key`` (relative to a checkpoint directory) is a file a checkpoint save writes.
+
+    The commit objects, metrics, Hugging Face weights, index and shard files,
+    and component state files. Used to tell a crashed save's leftovers (safe
+    to delete) from a folder that also holds someone else's files (never deleted).
+    """
+    return key in _COMMIT_FILES or is_weight_file_name(key) or _COMPONENT_FILE.match(key) is not None
 
 
 def parse_checkpoint_id(name: str) -> int | None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -30,7 +32,7 @@ from ckptio.errors import (
     InvalidArgumentError,
     ObjectNotFoundError,
 )
-from ckptio.storage import Storage, normalize_key
+from ckptio.storage import ObjectInfo, Storage, normalize_key
 from ckptio.storage.integrity import FileRecord
 
 __all__ = [
@@ -387,8 +389,45 @@ def strict_json_loads(raw: bytes | str) -> Any:
     return json.loads(raw, parse_constant=_reject_constant)
 
 
-def read_manifest(storage: Storage) -> CheckpointManifest | None:
+class _ManifestCache:
+    """Parsed manifests of this process, keyed by URL and the listed identity of the object.
+
+    A committed manifest is never rewritten in place (a checkpoint is
+    immutable once committed), so a manifest whose URL, size, modification
+    time and version token match a listing is the one read before: discovery
+    reads each checkpoint's manifest once per process, not once per save.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._entries: OrderedDict[tuple[object, ...], CheckpointManifest] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[object, ...]) -> CheckpointManifest | None:
+        with self._lock:
+            manifest = self._entries.get(key)
+            if manifest is not None:
+                self._entries.move_to_end(key)
+            return manifest
+
+    def put(self, key: tuple[object, ...], manifest: CheckpointManifest) -> None:
+        with self._lock:
+            self._entries[key] = manifest
+            while len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+
+
+_MANIFESTS = _ManifestCache()
+
+
+def read_manifest(storage: Storage, *, listed: ObjectInfo | None = None) -> CheckpointManifest | None:
     """Read the manifest at the root of a checkpoint directory.
+
+    Args:
+        storage: the checkpoint directory.
+        listed: the manifest's entry from a listing the caller already made.
+            With it, a manifest this process has already read (same URL, size,
+            modification time and version) is returned without a request.
 
     Returns:
         The manifest, or None when the directory has none (not committed).
@@ -397,11 +436,21 @@ def read_manifest(storage: Storage) -> CheckpointManifest | None:
         CorruptCheckpointError: the manifest exists but is malformed; the
             message names its URL.
     """
+    url = storage.url_of(MANIFEST_NAME)
+    identity = listed.identity() if listed is not None else None
+    cache_key = (url, *identity) if identity is not None else None
+    if cache_key is not None:
+        cached = _MANIFESTS.get(cache_key)
+        if cached is not None:
+            return cached
     try:
         raw = storage.read_bytes(MANIFEST_NAME)
     except ObjectNotFoundError:
         return None
-    return CheckpointManifest.from_json(raw, url=storage.url_of(MANIFEST_NAME))
+    manifest = CheckpointManifest.from_json(raw, url=url)
+    if cache_key is not None and listed is not None and len(raw) == listed.size:
+        _MANIFESTS.put(cache_key, manifest)
+    return manifest
 
 
 def write_manifest(storage: Storage, manifest: CheckpointManifest) -> None:

@@ -14,9 +14,10 @@ The rules (SPEC section 3, "Validity"), in order:
    (unrecognised content is never called incomplete, so rotation never
    deletes it).
 
-The check costs one listing (``walk``) plus one size lookup per listed file,
-issued concurrently on object stores. Checksums are only recomputed on demand
-(:func:`verify_checkpoint`), because that reads every byte.
+The check costs one listing (:meth:`~ckptio.storage.Storage.list_objects`,
+which carries every object's size) and the manifest read; never a request per
+file. Checksums are only recomputed on demand (:func:`verify_checkpoint`),
+because that reads every byte.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ __all__ = [
     "CheckpointStatus",
     "checkpoint_status",
     "inspect_checkpoint",
-    "object_infos",
     "validate_checkpoint",
     "verify_checkpoint",
 ]
@@ -81,30 +81,18 @@ class CheckpointInspection:
         manifest: the parsed manifest, when the directory has one.
         problems: why it is not complete (missing files, size mismatches), empty when complete.
         keys: every object key found in the directory (one listing).
+        objects: what that listing said of each object (size, mtime, version), by key.
     """
 
     status: CheckpointStatus
     manifest: CheckpointManifest | None
     problems: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    objects: dict[str, ObjectInfo] = field(default_factory=dict, compare=False, repr=False)
 
 
-def object_infos(storage: Storage, keys: Iterable[str]) -> dict[str, ObjectInfo]:
-    """Size and modification time of each key that exists (missing ones are left out)."""
-
-    def info(key: str) -> ObjectInfo | None:
-        try:
-            return storage.info(key)
-        except ObjectNotFoundError:
-            return None
-
-    found = map_concurrently(info, list(keys), workers=storage.concurrency(_MAX_WORKERS))
-    return {i.key: i for i in found if i is not None}
-
-
-def _manifest_problems(storage: Storage, manifest: CheckpointManifest, keys: set[str]) -> list[str]:
-    """Missing files and size mismatches of the files a manifest lists."""
-    infos = object_infos(storage, (r.path for r in manifest.files if r.path in keys))
+def _manifest_problems(storage: Storage, manifest: CheckpointManifest, infos: dict[str, ObjectInfo]) -> list[str]:
+    """Missing files and size mismatches of the files a manifest lists, judged from a listing."""
     problems: list[str] = []
     for record in manifest.files:
         info = infos.get(record.path)
@@ -134,25 +122,29 @@ def _weights_status(storage: Storage, keys: set[str]) -> tuple[CheckpointStatus,
     return (CheckpointStatus.INCOMPLETE if problems else CheckpointStatus.COMPLETE), problems
 
 
-def inspect_checkpoint(storage: Storage, *, keys: Iterable[str] | None = None) -> CheckpointInspection:
+def inspect_checkpoint(storage: Storage, *, objects: Iterable[ObjectInfo] | None = None) -> CheckpointInspection:
     """Classify a checkpoint directory by the validity rules and say why.
+
+    Costs one listing (none when ``objects`` is given) and one manifest read
+    (none when this process already read that very manifest object).
 
     Args:
         storage: the checkpoint directory.
-        keys: the directory's object keys when the caller already listed them
-            (saves a listing); listed here otherwise.
+        objects: the directory's objects (keys relative to it) when the caller
+            already listed them; listed here otherwise.
 
     Raises:
         CorruptCheckpointError: the manifest, or (without a manifest) a shard
             index, is malformed; the message names its URL. Nothing is changed.
     """
-    listed = sorted(keys) if keys is not None else storage.walk("")
+    infos = {o.key: o for o in (objects if objects is not None else storage.list_objects(""))}
+    listed = sorted(infos)
     present = set(listed)
     manifest: CheckpointManifest | None = None
     if MANIFEST_NAME in present:
-        manifest = read_manifest(storage)
+        manifest = read_manifest(storage, listed=infos[MANIFEST_NAME])
     if manifest is not None:
-        problems = _manifest_problems(storage, manifest, present)
+        problems = _manifest_problems(storage, manifest, infos)
         status = CheckpointStatus.INCOMPLETE if problems else CheckpointStatus.COMPLETE
     elif IN_PROGRESS_NAME in present:
         status = CheckpointStatus.INCOMPLETE
@@ -161,7 +153,7 @@ def inspect_checkpoint(storage: Storage, *, keys: Iterable[str] | None = None) -
         status, problems = _weights_status(storage, present)
     if problems:
         logger.debug("%s is %s: %s", storage.url, status.value, "; ".join(problems))
-    return CheckpointInspection(status=status, manifest=manifest, problems=problems, keys=listed)
+    return CheckpointInspection(status=status, manifest=manifest, problems=problems, keys=listed, objects=infos)
 
 
 def checkpoint_status(storage: Storage) -> CheckpointStatus:

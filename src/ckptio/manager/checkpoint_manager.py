@@ -32,26 +32,28 @@ from ckptio.checkpoint import (
     CHECKPOINTS_DIR,
     FORMAT_VERSION,
     METRICS_NAME,
+    CheckpointEntry,
     CheckpointManifest,
     CheckpointStatus,
     begin_checkpoint,
-    checkpoint_dir_name,
+    checkpoint_key,
     checkpoint_status,
     commit_checkpoint,
     encode_metrics,
     find_latest_checkpoint,
-    list_checkpoints,
+    inspect_checkpoint,
     location_name,
-    maybe_delete_oldest_checkpoint,
     parse_checkpoint_id,
     read_manifest,
+    rotate_checkpoints,
     save_checkpoint_metrics,
+    scan_checkpoints,
     utc_timestamp,
+    validate_checkpoint,
     verify_checkpoint,
 )
 from ckptio.checkpoint.best import BestEntry, infer_greater_is_better, rank_best
 from ckptio.errors import (
-    CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -67,6 +69,7 @@ from ckptio.manager.components import (
     save_components,
 )
 from ckptio.manager.config import CheckpointConfig
+from ckptio.manager.failures import RankFailure, error_for
 from ckptio.manager.model_dir import save_model_directory
 from ckptio.state import StateComponent, StatefulProvider, World, process_groups_of
 from ckptio.storage import Storage, open_storage
@@ -87,7 +90,16 @@ class _Outcome:
 
     weights: list[FileRecord] = field(default_factory=list)
     components: list[ComponentFile] = field(default_factory=list)
-    error: str | None = None
+    failure: RankFailure | None = None
+
+
+@dataclass(frozen=True)
+class _SavePlan:
+    """Rank 0's decisions before a save, shared with every rank."""
+
+    path: str
+    #: The run's checkpoints as listed before the save (None when no rotation follows).
+    entries: list[CheckpointEntry] | None
 
 
 class CheckpointManager:
@@ -95,6 +107,10 @@ class CheckpointManager:
 
     Every rank of a job constructs one and calls :meth:`save_checkpoint` /
     :meth:`load_checkpoint` together; a single process is a world of one.
+    Only global rank 0 lists checkpoints, reads manifests and rotates; it
+    shares what it found with the other ranks, so the storage requests of a
+    save or a resume do not grow with the world size, nor with the number of
+    checkpoints already in the run (one listing of ``checkpoints/``).
     """
 
     def __init__(
@@ -131,25 +147,52 @@ class CheckpointManager:
         model = self.model
         return getattr(model, "module", model) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
-    def _on_rank0(self, world: World, fn: Callable[[], T]) -> T | None:
-        """Run ``fn`` on rank 0 and share its result; if it raised, every rank raises."""
-        outcome: tuple[Any, str | None] = (None, None)
+    def _on_rank0(self, world: World, fn: Callable[[], T], *, action: str, safe: str) -> T:
+        """Run ``fn`` on rank 0 and share its result; if it raised, every rank raises the same error class."""
+        if world.world_size == 1:
+            return fn()
+        outcome: tuple[Any, RankFailure | None] = (None, None)
         if world.rank == 0:
             try:
                 outcome = (fn(), None)
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-                if world.world_size == 1:
-                    raise
-                outcome = (None, f"{type(exc).__name__}: {exc}")
-        result, error = world.broadcast_object(outcome, src=0) if world.world_size > 1 else outcome
-        if error is not None:
-            raise CheckpointError(f"rank 0 failed: {error}")
+                outcome = (None, RankFailure.capture(0, exc))
+        result, failure = world.broadcast_object(outcome, src=0)
+        if failure is not None:
+            raise error_for([failure], action=action, safe=safe)
         return result  # type: ignore[no-any-return]
+
+    def _on_every_rank(self, world: World, fn: Callable[[], T], *, action: str, safe: str) -> list[T]:
+        """Run ``fn`` on every rank and gather the results; if any rank raised, every rank raises."""
+        if world.world_size == 1:
+            return [fn()]
+        outcome: tuple[Any, RankFailure | None] = (None, None)
+        try:
+            outcome = (fn(), None)
+        except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised
+            outcome = (None, RankFailure.capture(world.rank, exc))
+        gathered = world.all_gather_object(outcome)
+        failures = [f for _, f in gathered if f is not None]
+        if failures:
+            raise error_for(failures, action=action, safe=safe)
+        return [r for r, _ in gathered]
 
     def _key_below_output(self, path: str) -> str | None:
         """``path`` relative to the output dir, or None when it lies elsewhere."""
         root = self.storage.url.rstrip("/") + "/"
         return path[len(root) :] if path.startswith(root) else None
+
+    def _locate(self, checkpoint: str) -> str:
+        """The full path of a checkpoint given as a path or URL, or as a bare name.
+
+        A bare name (no ``/``: ``"checkpoint-7"``, or ``"7"``) always means
+        ``<output_dir>/checkpoints/checkpoint-<id>``, never a path relative to
+        the working directory.
+        """
+        text = str(checkpoint)
+        if "/" not in text and "\\" not in text:
+            return self.storage.url_of(checkpoint_key(text))
+        return text
 
     def _checkpoint_storage(self, path: str) -> Storage:
         """The storage of a checkpoint: below the output dir when it is there, else opened anew."""
@@ -157,10 +200,6 @@ class CheckpointManager:
         if key is not None:
             return self.storage.child(key)
         return open_storage(path, **(self.config.storage_options or {}))
-
-    def _next_checkpoint_id(self) -> int:
-        ids = [e.checkpoint_id for e in list_checkpoints(self.storage) if e.checkpoint_id is not None]
-        return max(ids, default=0) + 1
 
     # -- saving ------------------------------------------------------------
     def save_checkpoint(
@@ -178,31 +217,33 @@ class CheckpointManager:
         is never overwritten (:class:`CheckpointExistsError`); an incomplete
         leftover of a crashed save with the same name is replaced. Older
         checkpoints are rotated out only after this one is committed.
+
+        Requests: rank 0 lists ``checkpoints/`` once (reading only manifests
+        it has not seen before) and the target once; no rank stats a file.
+
+        Raises:
+            CkptioError: on every rank, of the class the failing rank raised,
+                naming that rank; earlier checkpoints are intact.
         """
         started = time.monotonic()
         world = self._world()
-        path = str(self._on_rank0(world, lambda: self._save_target(checkpoint_path, checkpoint_id)))
+        safe = "earlier checkpoints are intact"
+        plan = self._on_rank0(
+            world, lambda: self._plan_save(checkpoint_path, checkpoint_id), action="cannot save a checkpoint", safe=safe
+        )
+        path = plan.path
         storage = self._checkpoint_storage(path)
-        self._on_rank0(world, lambda: self._begin(storage, path, world))
-        world.barrier()
+        action = f"cannot save {path!r}"
+        self._on_rank0(world, lambda: self._begin(storage, path, world), action=action, safe=safe)
 
-        outcome = _Outcome()
-        try:
+        def write() -> _Outcome:
+            outcome = _Outcome()
             if world.rank == 0:
                 outcome.weights = self._write_weights(storage)
             outcome.components = save_components(storage, self._components(), world)
-        except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised
-            if world.world_size == 1:
-                raise
-            outcome.error = f"{type(exc).__name__}: {exc}"
-        outcomes = world.all_gather_object(outcome)
-        failures: dict[str, list[int]] = {}
-        for rank, o in enumerate(outcomes):
-            if o.error:
-                failures.setdefault(o.error, []).append(rank)
-        if failures:
-            reasons = "; ".join(f"ranks {ranks}: {error}" for error, ranks in failures.items())
-            raise CheckpointError(f"cannot save {path!r}: {reasons}; earlier checkpoints are intact")
+            return outcome
+
+        outcomes = self._on_every_rank(world, write, action=action, safe=safe)
 
         def commit() -> int:
             written = [c for o in outcomes for c in o.components]
@@ -223,19 +264,24 @@ class CheckpointManager:
                 metadata={_BEST_MARK: self.best_checkpoint} if self.best_checkpoint else {},
             )
             commit_checkpoint(storage, manifest)
-            self._rotate(path)
+            self._rotate(path, manifest, plan.entries)
             return sum(r.size for r in files)
 
-        total = self._on_rank0(world, commit)
+        total = self._on_rank0(world, commit, action=action, safe=safe)
         world.barrier()
         logger.info("saved checkpoint %s (%s bytes) in %.2fs", path, total, time.monotonic() - started)
         return path
 
-    def _save_target(self, checkpoint_path: str | None, checkpoint_id: int | str | None) -> str:
+    def _plan_save(self, checkpoint_path: str | None, checkpoint_id: int | str | None) -> _SavePlan:
+        """Where the save goes, and (when rotation follows) the run's checkpoints: one listing."""
+        rotates = self.config.save_total_limit is not None
+        scan = scan_checkpoints(self.storage) if (rotates or (checkpoint_path is None and checkpoint_id is None)) else None
         if checkpoint_path is not None:
-            return checkpoint_path
-        number = checkpoint_id if checkpoint_id is not None else self._next_checkpoint_id()
-        return self.storage.url_of(f"{CHECKPOINTS_DIR}/{checkpoint_dir_name(number)}")
+            path = checkpoint_path
+        else:
+            number = checkpoint_id if checkpoint_id is not None else (scan.next_checkpoint_id() if scan else 1)
+            path = self.storage.url_of(checkpoint_key(number))
+        return _SavePlan(path=path, entries=scan.entries if scan is not None and rotates else None)
 
     def _begin(self, storage: Storage, path: str, world: World) -> None:
         status = checkpoint_status(storage)
@@ -272,15 +318,32 @@ class CheckpointManager:
         key = self._key_below_output(path)
         return key if key is not None else location_name(path)
 
-    def _rotate(self, committed_path: str) -> None:
-        limit = self.config.save_total_limit
-        if limit is None or not committed_path.startswith(self.storage.url_of(CHECKPOINTS_DIR)):
-            return
-        preserved = [e.name for e in self.best_checkpoints[: self.config.preserve_n_best]]
+    def _preserved(self) -> set[str]:
+        preserved = {e.name for e in self.best_checkpoints[: self.config.preserve_n_best]}
         if self.best_checkpoint:
-            preserved.append(self.best_checkpoint)
+            preserved.add(self.best_checkpoint)
+        return preserved
+
+    def _rotate(self, committed_path: str, manifest: CheckpointManifest, entries: list[CheckpointEntry] | None) -> None:
+        """Rotate with the listing made before the save, plus the checkpoint just committed."""
+        limit = self.config.save_total_limit
+        key = self._key_below_output(committed_path)
+        if limit is None or entries is None or key is None or key != checkpoint_key(location_name(committed_path)):
+            return
+        name = location_name(committed_path)
+        committed = CheckpointEntry(
+            name=name,
+            checkpoint_id=parse_checkpoint_id(name),
+            status=CheckpointStatus.COMPLETE,
+            timestamp=manifest.timestamp,
+            mtime=None,
+            url=committed_path,
+            size_bytes=manifest.total_size,
+            manifest=manifest,
+        )
+        current = [e for e in entries if e.name != name] + [committed]
         try:
-            deleted = maybe_delete_oldest_checkpoint(self.storage, limit, preserved)
+            deleted = rotate_checkpoints(self.storage, current, keep=limit, preserved=self._preserved())
         except StorageError as exc:  # the new checkpoint is committed; rotation retries next save
             logger.warning("checkpoint %s is committed; rotating older ones failed: %s", committed_path, exc)
             return
@@ -289,19 +352,55 @@ class CheckpointManager:
 
     # -- loading -----------------------------------------------------------
     def resolve_checkpoint_path(self, checkpoint_path: str | None) -> str | None:
-        """The checkpoint a load would use: the latest complete one for None,
-        ``<output_dir>/checkpoints/<name>`` for a bare ``checkpoint-<n>`` name,
-        else the path or URL as given. None when there is nothing to load."""
+        """The checkpoint a load would use, or None (with a warning for an explicit path).
+
+        ``None`` gives the newest complete checkpoint. A bare name
+        (``"checkpoint-7"``) always means ``<output_dir>/checkpoints/checkpoint-7``;
+        a path or URL is taken as given. An explicit checkpoint that is not a
+        valid (complete) checkpoint gives None and a warning, as in the seed design.
+        """
         if checkpoint_path is None:
             return find_latest_checkpoint(self.storage)
-        if "/" not in checkpoint_path and parse_checkpoint_id(checkpoint_path) is not None:
-            return self.storage.url_of(f"{CHECKPOINTS_DIR}/{checkpoint_path}")
-        return checkpoint_path
+        path = self._locate(checkpoint_path)
+        if validate_checkpoint(self._checkpoint_storage(path)):
+            return path
+        logger.warning("checkpoint %r (%s) is not a valid checkpoint; nothing to resolve", checkpoint_path, path)
+        return None
+
+    def _find_loadable(self, checkpoint_path: str | None) -> tuple[str, CheckpointManifest | None]:
+        """Rank 0: the checkpoint to load and its manifest (checksums verified when configured)."""
+        if checkpoint_path is None:
+            latest = scan_checkpoints(self.storage).latest_complete
+            if latest is not None:
+                path, manifest = latest.url, latest.manifest
+            else:
+                found = find_latest_checkpoint(self.storage)
+                if found is None:
+                    raise CheckpointNotFoundError(
+                        f"cannot load: no complete checkpoint under {self.storage.url_of(CHECKPOINTS_DIR)!r}"
+                    )
+                path, manifest = found, read_manifest(self._checkpoint_storage(found))
+        else:
+            path = self._locate(checkpoint_path)
+            inspection = inspect_checkpoint(self._checkpoint_storage(path))
+            if inspection.status is not CheckpointStatus.COMPLETE:
+                raise IncompleteCheckpointError(
+                    f"cannot load {path!r}: checkpoint is {inspection.status.name.lower()}"
+                    + (f" ({'; '.join(inspection.problems[:3])})" if inspection.problems else "")
+                )
+            manifest = inspection.manifest
+        if manifest is not None and self.config.verify_checksums_on_load:
+            problems = verify_checkpoint(self._checkpoint_storage(path))
+            if problems:
+                raise CorruptCheckpointError(f"cannot load {path!r}: {'; '.join(problems)}")
+        return path, manifest
 
     def load_checkpoint(self, checkpoint_path: str | None = None) -> None:
         """Restore model, every component and the best list from a complete checkpoint.
 
-        ``None`` restores the newest complete checkpoint. Called by every rank.
+        ``None`` restores the newest complete checkpoint; a bare name means one
+        under ``<output_dir>/checkpoints/``. Called by every rank: rank 0 finds
+        the checkpoint and reads its manifest, and shares both.
 
         Raises:
             CheckpointNotFoundError: there is no complete checkpoint to load.
@@ -309,31 +408,28 @@ class CheckpointManager:
             CorruptCheckpointError: checksums (when verified) or content are wrong.
         """
         started = time.monotonic()
-        path = self.resolve_checkpoint_path(checkpoint_path)
-        if path is None:
-            raise CheckpointNotFoundError(
-                f"cannot load: no complete checkpoint under {self.storage.url_of(CHECKPOINTS_DIR)!r}"
-            )
-        storage = self._checkpoint_storage(path)
-        status = checkpoint_status(storage)
-        if status is not CheckpointStatus.COMPLETE:
-            raise IncompleteCheckpointError(f"cannot load {path!r}: checkpoint is {status.name.lower()}")
-        manifest = read_manifest(storage)
-        if manifest is not None and self.config.verify_checksums_on_load:
-            problems = verify_checkpoint(storage)
-            if problems:
-                raise CorruptCheckpointError(f"cannot load {path!r}: {'; '.join(problems)}")
-        model = self._unwrapped_model()
-        if model is not None:
-            read_model_weights(storage, model, strict=True)
+        world = self._world()
+        safe = "nothing was changed on storage"
+        path, manifest = self._on_rank0(
+            world, lambda: self._find_loadable(checkpoint_path), action="cannot load a checkpoint", safe=safe
+        )
+
+        def restore() -> None:
+            storage = self._checkpoint_storage(path)
+            model = self._unwrapped_model()
+            if model is not None:
+                read_model_weights(storage, model, strict=True)
+            if manifest is not None:
+                load_components(
+                    storage,
+                    self._components(),
+                    world,
+                    manifest,
+                    on_world_size_change=self.config.on_world_size_change,
+                )
+
+        self._on_every_rank(world, restore, action=f"cannot load {path!r}", safe=safe)
         if manifest is not None:
-            load_components(
-                storage,
-                self._components(),
-                self._world(),
-                manifest,
-                on_world_size_change=self.config.on_world_size_change,
-            )
             self.best_checkpoints = [BestEntry.from_json(e) for e in manifest.best_checkpoints]
             self.best_checkpoint = manifest.metadata.get(_BEST_MARK)
         self.loaded_manifest = manifest
@@ -366,7 +462,13 @@ class CheckpointManager:
             self.best_checkpoints, candidate, max(self.config.preserve_n_best, 1)
         )
         world = self._world()
-        self._on_rank0(world, lambda: save_checkpoint_metrics(self._checkpoint_storage(checkpoint_path), metrics))
+        path = self._locate(checkpoint_path)
+        self._on_rank0(
+            world,
+            lambda: save_checkpoint_metrics(self._checkpoint_storage(path), metrics),
+            action=f"cannot record metrics for {path!r}",
+            safe="the checkpoint itself is unchanged",
+        )
         return is_best
 
     def set_best_checkpoint(self, best_checkpoint: str) -> None:
@@ -389,7 +491,9 @@ class CheckpointManager:
         world = self._world()
         self._on_rank0(
             world,
-            lambda: save_model_directory(
+            action=f"cannot save the model to {target!r}",
+            safe="checkpoints are untouched",
+            fn=lambda: save_model_directory(
                 self._checkpoint_storage(target),
                 model,
                 safetensors=self.config.save_safetensors,

@@ -12,7 +12,11 @@ Guarantees every backend keeps:
   ``commit`` (a multipart upload on object stores, a temp file renamed into
   place on local disk), leaving nothing visible if the writer fails or the
   process dies.
-* Listings are read from the backend each time, never from a cache.
+* Listings are read from the backend each time, never from a cache, and
+  carry what the backend already returns with them (size, modification
+  time, a version token): :meth:`Storage.list_objects` answers "which
+  objects, how big" for a whole tree in one paginated listing, with no
+  request per object.
 * Failures surface as :mod:`ckptio.errors` exceptions naming the full URL.
 """
 
@@ -55,11 +59,26 @@ def normalize_key(key: str) -> str:
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """Size in bytes and modification time (seconds since the epoch, UTC) of an object."""
+    """What a listing or a stat tells about one object.
+
+    Attributes:
+        key: the object's key (relative to whatever was listed or stat'ed).
+        size: size in bytes.
+        mtime: modification time, seconds since the epoch (UTC), where the backend gives one.
+        version: a token that changes whenever the object is rewritten (S3 ETag,
+            GCS generation, local inode and nanosecond mtime), where the backend gives one.
+    """
 
     key: str
     size: int
     mtime: float | None
+    version: str | None = None
+
+    def identity(self) -> tuple[int, float | None, str | None] | None:
+        """``(size, mtime, version)`` when it pins down one write of the object, else None."""
+        if self.mtime is None and self.version is None:
+            return None
+        return (self.size, self.mtime, self.version)
 
 
 class StreamWriter(ABC):
@@ -214,10 +233,24 @@ class Storage(ABC):
     def walk(self, prefix: str = "") -> builtins.list[str]:
         """Keys of every object below ``prefix``, relative to ``prefix``, sorted."""
 
+    @abstractmethod
+    def list_objects(self, prefix: str = "") -> builtins.list[ObjectInfo]:
+        """Every object below ``prefix`` with its size, mtime and version, keys relative, sorted.
+
+        One (paginated) listing request on object stores: never a request per object.
+        A missing prefix lists as empty.
+        """
+
     # -- deleting ----------------------------------------------------------
     @abstractmethod
     def delete(self, key: str, *, missing_ok: bool = True) -> None:
         """Delete one object."""
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete several objects (missing ones are ignored), in batches where the backend has a
+        batch delete (S3 DeleteObjects, GCS batch requests)."""
+        for key in keys:
+            self.delete(key, missing_ok=True)
 
     @abstractmethod
     def delete_prefix(self, prefix: str) -> None:

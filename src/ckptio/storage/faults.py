@@ -197,8 +197,14 @@ class FaultInjectingStorage(StorageWrapper):
     def walk(self, prefix: str = "") -> builtins.list[str]:
         return self._op(prefix, "list", lambda: self.inner.walk(prefix))
 
+    def list_objects(self, prefix: str = "") -> builtins.list[ObjectInfo]:
+        return self._op(prefix, "list", lambda: self.inner.list_objects(prefix))
+
     def delete(self, key: str, *, missing_ok: bool = True) -> None:
         self._op(key, "delete", lambda: self.inner.delete(key, missing_ok=missing_ok))
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        self._op(keys[0] if keys else "", "delete", lambda: self.inner.delete_many(keys))
 
     def delete_prefix(self, prefix: str) -> None:
         self._op(prefix, "delete", lambda: self.inner.delete_prefix(prefix))

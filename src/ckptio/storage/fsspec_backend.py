@@ -56,6 +56,18 @@ def _as_epoch(value: Any) -> float | None:
     return None
 
 
+#: Listing/stat fields holding a modification time, and a version token, by backend.
+_MTIME_FIELDS = ("LastModified", "updated", "mtime", "modified", "created")
+_VERSION_FIELDS = ("ETag", "generation", "etag", "md5Hash")
+
+
+def _object_info(key: str, details: dict[str, Any]) -> ObjectInfo:
+    """An :class:`ObjectInfo` from an fsspec listing or ``info`` entry."""
+    mtime = next((t for t in (_as_epoch(details.get(f)) for f in _MTIME_FIELDS) if t is not None), None)
+    version = next((str(details[f]) for f in _VERSION_FIELDS if details.get(f) not in (None, "")), None)
+    return ObjectInfo(key=key, size=int(details.get("size") or 0), mtime=mtime, version=version)
+
+
 class _UploadWriter(StreamWriter):
     """Streams through the backend's multipart/resumable upload; discards it on abort."""
 
@@ -235,12 +247,7 @@ class FsspecStorage(Storage):
         details = self._call(key, "stat", lambda: self.fs.info(path))
         if details.get("type") == "directory":
             raise ObjectNotFoundError(2, f"cannot stat {self.url_of(key)!r}: not an object")
-        mtime = None
-        for field in ("LastModified", "updated", "mtime", "modified", "created"):
-            mtime = _as_epoch(details.get(field))
-            if mtime is not None:
-                break
-        return ObjectInfo(key=normalize_key(key), size=int(details.get("size") or 0), mtime=mtime)
+        return _object_info(normalize_key(key), details)
 
     def list(self, prefix: str = "") -> builtins.list[str]:
         path = self._path(prefix)
@@ -259,16 +266,25 @@ class FsspecStorage(Storage):
         return self._call(prefix, "list", ls)
 
     def walk(self, prefix: str = "") -> builtins.list[str]:
+        return [info.key for info in self.list_objects(prefix)]
+
+    def list_objects(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         path = self._path(prefix)
         self.fs.invalidate_cache(path)
 
-        def find() -> builtins.list[str]:
+        def find() -> builtins.list[ObjectInfo]:
             try:
-                found = self.fs.find(path, withdirs=False)
+                # One recursive (delimiter-free) paginated listing; its entries carry sizes and times.
+                found = self.fs.find(path, withdirs=False, detail=True)
             except FileNotFoundError:
                 return []
             strip = len(path) + 1 if path else 0
-            return sorted(str(p)[strip:] for p in found if str(p) != path)
+            infos = [
+                _object_info(str(p)[strip:], details)
+                for p, details in found.items()
+                if str(p) != path and details.get("type") != "directory"
+            ]
+            return sorted(infos, key=lambda info: info.key)
 
         return self._call(prefix, "list", find)
 
@@ -289,18 +305,23 @@ class FsspecStorage(Storage):
 
         self._call(key, "delete", rm)
 
-    def delete_prefix(self, prefix: str) -> None:
-        keys = self.walk(prefix)
+    def delete_many(self, keys: Sequence[str]) -> None:
         if not keys:
             return
-        base = self._path(prefix)
-        paths = [f"{base}/{k}" for k in keys]
+        paths = [self._path(k) for k in keys]
 
         def rm() -> None:
+            # s3fs and gcsfs send a list to their batch delete (up to 1,000 keys per request).
             try:
                 self.fs.rm(paths)
             except FileNotFoundError:
                 pass
-            self.fs.invalidate_cache(base)
+            for path in paths:
+                self.fs.invalidate_cache(path)
 
-        self._call(prefix, "delete", rm)
+        self._call(keys[0] if len(keys) == 1 else "", "delete", rm)
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = self.walk(prefix)
+        if keys:
+            self.delete_many([f"{prefix}/{k}" if prefix else k for k in keys])

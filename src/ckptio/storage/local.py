@@ -13,6 +13,7 @@ import builtins
 import errno
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Callable
 from typing import TypeVar
@@ -82,6 +83,11 @@ class _LocalWriter(StreamWriter):
             os.unlink(self._tmp)
         except FileNotFoundError:
             pass
+
+
+def _object_info(key: str, st: os.stat_result) -> ObjectInfo:
+    # inode and nanosecond mtime change on every atomic replace: a version token.
+    return ObjectInfo(key=key, size=st.st_size, mtime=st.st_mtime, version=f"{st.st_ino}:{st.st_mtime_ns}")
 
 
 class LocalStorage(Storage):
@@ -165,9 +171,9 @@ class LocalStorage(Storage):
     def info(self, key: str) -> ObjectInfo:
         path = self._path(key)
         st = self._do(key, "stat", lambda: os.stat(path))
-        if not os.path.isfile(path):
+        if not stat.S_ISREG(st.st_mode):
             raise ObjectNotFoundError(errno.ENOENT, f"cannot stat {self.url_of(key)!r}: not an object")
-        return ObjectInfo(key=normalize_key(key), size=st.st_size, mtime=st.st_mtime)
+        return _object_info(normalize_key(key), st)
 
     def list(self, prefix: str = "") -> builtins.list[str]:
         path = self._path(prefix)
@@ -177,14 +183,31 @@ class LocalStorage(Storage):
         return sorted(n for n in names if not n.startswith(TEMP_PREFIX))
 
     def walk(self, prefix: str = "") -> builtins.list[str]:
+        return [info.key for info in self.list_objects(prefix)]
+
+    def list_objects(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         base = self._path(prefix)
-        found: list[str] = []
-        for directory, _dirs, files in os.walk(base):
-            rel = os.path.relpath(directory, base)
-            for name in files:
-                if not name.startswith(TEMP_PREFIX):
-                    found.append(name if rel == "." else join(*rel.split(os.sep), name))
-        return sorted(found)
+        found: list[ObjectInfo] = []
+
+        def scan(directory: str, rel: str) -> None:
+            try:
+                entries = list(os.scandir(directory))
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            for entry in entries:
+                if entry.name.startswith(TEMP_PREFIX):
+                    continue
+                key = join(rel, entry.name)
+                if entry.is_dir(follow_symlinks=False):
+                    scan(entry.path, key)
+                elif entry.is_file():
+                    try:
+                        found.append(_object_info(key, entry.stat()))
+                    except FileNotFoundError:
+                        pass  # deleted while listing
+
+        self._do(prefix, "list", lambda: scan(base, ""))
+        return sorted(found, key=lambda info: info.key)
 
     def delete(self, key: str, *, missing_ok: bool = True) -> None:
         path = self._path(key)

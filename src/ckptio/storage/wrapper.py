@@ -10,6 +10,7 @@ read fetched only what it needed).
 from __future__ import annotations
 
 import builtins
+import collections
 import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -70,8 +71,14 @@ class StorageWrapper(Storage):
     def walk(self, prefix: str = "") -> builtins.list[str]:
         return self.inner.walk(prefix)
 
+    def list_objects(self, prefix: str = "") -> builtins.list[ObjectInfo]:
+        return self.inner.list_objects(prefix)
+
     def delete(self, key: str, *, missing_ok: bool = True) -> None:
         self.inner.delete(key, missing_ok=missing_ok)
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        self.inner.delete_many(keys)
 
     def delete_prefix(self, prefix: str) -> None:
         self.inner.delete_prefix(prefix)
@@ -132,6 +139,12 @@ class RetryingStorage(StorageWrapper):
     def walk(self, prefix: str = "") -> builtins.list[str]:
         return self._retry(prefix, "list", lambda: self.inner.walk(prefix))
 
+    def list_objects(self, prefix: str = "") -> builtins.list[ObjectInfo]:
+        return self._retry(prefix, "list", lambda: self.inner.list_objects(prefix))
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        self._retry(keys[0] if keys else "", "delete", lambda: self.inner.delete_many(keys))
+
     def delete(self, key: str, *, missing_ok: bool = True) -> None:
         self._retry(key, "delete", lambda: self.inner.delete(key, missing_ok=missing_ok))
 
@@ -151,6 +164,7 @@ class _CountingWriter(StreamWriter):
         return n
 
     def _commit(self) -> None:
+        self._counter.count("commit")
         self._inner.commit()
 
     def _abort(self) -> None:
@@ -158,7 +172,15 @@ class _CountingWriter(StreamWriter):
 
 
 class CountingStorage(StorageWrapper):
-    """Counts operations and bytes moved through it (children share the counters)."""
+    """Counts requests by kind, and bytes moved, through it (children share the counters).
+
+    ``requests`` maps a kind to how many calls of it went through: ``list``
+    (one listing, however many pages), ``stat`` (``info``), ``exists``
+    (``exists``/``is_file``), ``read``, ``write``, ``open`` and ``commit`` (a
+    streaming writer), ``create``, ``delete`` (one object), ``delete_many``
+    (one batch). Useful to prove that an operation costs what it should: a
+    read that fetched only what it needed, a save that issued no per-file stat.
+    """
 
     def __init__(self, inner: Storage, *, _shared: CountingStorage | None = None) -> None:
         super().__init__(inner)
@@ -167,6 +189,7 @@ class CountingStorage(StorageWrapper):
         self.bytes_read = 0
         self.bytes_written = 0
         self.operations = 0
+        self.requests: collections.Counter[str] = collections.Counter()
 
     def rewrap(self, inner: Storage) -> CountingStorage:
         return CountingStorage(inner, _shared=self._root_counter())
@@ -175,29 +198,88 @@ class CountingStorage(StorageWrapper):
         return self._shared._root_counter() if self._shared else self
 
     def add(self, *, read: int = 0, written: int = 0) -> None:
-        """Record one operation that moved ``read``/``written`` bytes."""
+        """Record bytes moved by a read or a write (one operation)."""
         root = self._root_counter()
         with root._lock:
             root.operations += 1
             root.bytes_read += read
             root.bytes_written += written
 
+    def count(self, kind: str, n: int = 1) -> None:
+        """Record ``n`` requests of ``kind``."""
+        root = self._root_counter()
+        with root._lock:
+            root.requests[kind] += n
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        root = self._root_counter()
+        with root._lock:
+            root.bytes_read = root.bytes_written = root.operations = 0
+            root.requests.clear()
+
     def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        self.count("write")
         self.inner.write_bytes(key, data)
         self.add(written=memoryview(data).nbytes)
 
     def open_writer(self, key: str) -> StreamWriter:
+        self.count("open")
         return _CountingWriter(self.inner.open_writer(key), self)
 
+    def create_exclusive(self, key: str, data: bytes) -> None:
+        self.count("create")
+        self.inner.create_exclusive(key, data)
+        self.add(written=len(data))
+
     def read_bytes(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        self.count("read")
         data = self.inner.read_bytes(key, start, end)
         self.add(read=len(data))
         return data
 
     def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> builtins.list[bytes]:
+        self.count("read", len(ranges))
         chunks = self.inner.read_ranges(key, ranges)
         self.add(read=sum(len(c) for c in chunks))
         return chunks
+
+    def exists(self, key: str) -> bool:
+        self.count("exists")
+        return self.inner.exists(key)
+
+    def is_file(self, key: str) -> bool:
+        self.count("exists")
+        return self.inner.is_file(key)
+
+    def info(self, key: str) -> ObjectInfo:
+        self.count("stat")
+        return self.inner.info(key)
+
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        self.count("list")
+        return self.inner.list(prefix)
+
+    def walk(self, prefix: str = "") -> builtins.list[str]:
+        self.count("list")
+        return self.inner.walk(prefix)
+
+    def list_objects(self, prefix: str = "") -> builtins.list[ObjectInfo]:
+        self.count("list")
+        return self.inner.list_objects(prefix)
+
+    def delete(self, key: str, *, missing_ok: bool = True) -> None:
+        self.count("delete")
+        self.inner.delete(key, missing_ok=missing_ok)
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        self.count("delete_many")
+        self.inner.delete_many(keys)
+
+    def delete_prefix(self, prefix: str) -> None:
+        self.count("list")  # every backend lists what it deletes
+        self.count("delete_many")
+        self.inner.delete_prefix(prefix)
 
     def local_path(self, key: str = "") -> str | None:
         # Reads through a local path would bypass the counters: report none.
