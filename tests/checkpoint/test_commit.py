@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -18,8 +19,15 @@ from ckptio.checkpoint import (
     is_committed,
     utc_timestamp,
 )
-from ckptio.errors import InvalidArgumentError
-from ckptio.storage import FaultInjectingStorage, SimulatedCrash, Storage
+from ckptio.errors import CheckpointExistsError, InvalidArgumentError, TransientFault
+from ckptio.storage import (
+    FaultInjectingStorage,
+    RetryingStorage,
+    RetryPolicy,
+    SimulatedCrash,
+    Storage,
+    StorageWrapper,
+)
 from ckptio.storage.integrity import FileRecord, checksum_bytes
 
 FILES = {"model.safetensors": b"weights" * 10, "optimizer_state.pt": b"optim"}
@@ -70,7 +78,7 @@ def test_commit_writes_the_manifest_before_removing_the_marker(storage: Storage)
     _write_files(storage)
     faulty = FaultInjectingStorage(storage)
     commit_checkpoint(faulty, _manifest())
-    assert faulty.log == [f"write {MANIFEST_NAME}", f"delete {IN_PROGRESS_NAME}"]
+    assert faulty.log == [f"create {MANIFEST_NAME}", f"delete {IN_PROGRESS_NAME}"]  # created, never overwritten
 
 
 @pytest.mark.parametrize(("ops", "expected"), [(0, CheckpointStatus.INCOMPLETE), (1, CheckpointStatus.COMPLETE)])
@@ -113,3 +121,42 @@ def test_a_crash_anywhere_in_delete_never_leaves_a_complete_looking_remnant(stor
         storage.delete_prefix("")
         _write_files(storage)
         commit_checkpoint(storage, _manifest())
+
+
+# -- the manifest is created, never overwritten ------------------------------------
+
+
+def test_a_second_commit_never_overwrites_the_first_manifest(storage: Storage) -> None:
+    _write_files(storage)
+    first = _manifest()
+    commit_checkpoint(storage, first)
+    other = dataclasses.replace(first, checkpoint_id=4, timestamp=utc_timestamp())
+    with pytest.raises(CheckpointExistsError, match="another saver committed first"):
+        commit_checkpoint(storage, other)
+    assert storage.read_bytes(MANIFEST_NAME) == first.to_bytes()
+
+
+class _LosesFirstCreateResponse(StorageWrapper):
+    """Performs the first exclusive create, then reports a dropped connection (a lost response)."""
+
+    def __init__(self, inner: Storage) -> None:
+        super().__init__(inner)
+        self.lost = 0
+
+    def rewrap(self, inner: Storage) -> StorageWrapper:
+        return _LosesFirstCreateResponse(inner)
+
+    def create_exclusive(self, key: str, data: bytes) -> None:
+        self.inner.create_exclusive(key, data)
+        if not self.lost:
+            self.lost += 1
+            raise TransientFault(f"connection reset after creating {key}")
+
+
+def test_a_retried_commit_whose_response_was_lost_succeeds(storage: Storage) -> None:
+    _write_files(storage)
+    lossy = _LosesFirstCreateResponse(storage)
+    retrying = RetryingStorage(lossy, RetryPolicy(base_delay=0.0))
+    commit_checkpoint(retrying, _manifest())
+    assert lossy.lost == 1
+    assert checkpoint_status(storage) is CheckpointStatus.COMPLETE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 
 import pytest
 
@@ -172,3 +173,23 @@ def test_deadline_stops_retrying() -> None:
     with pytest.raises(TransientStorageError):
         call_with_retries(always_failing, url="u", action="read", policy=policy)
     assert len(attempts) == 1
+
+
+def test_a_failed_abort_of_an_upload_is_logged_with_its_url(caplog: pytest.LogCaptureFixture) -> None:
+    from ckptio.storage.fsspec_backend import _UploadWriter
+
+    class _File:
+        closed = False
+
+        def write(self, data: memoryview) -> int:
+            return len(data)
+
+        def discard(self) -> None:
+            raise ConnectionResetError("abort request lost")
+
+    writer = _UploadWriter(_File(), "s3://bucket/run/model.safetensors")
+    writer.write(b"partial")
+    with caplog.at_level(logging.WARNING, logger="ckptio.storage.fsspec_backend"):
+        writer.abort()
+    assert "s3://bucket/run/model.safetensors" in caplog.text
+    assert "AbortIncompleteMultipartUpload" in caplog.text

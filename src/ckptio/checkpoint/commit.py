@@ -38,8 +38,13 @@ import os
 import socket
 
 from ckptio.checkpoint.layout import IN_PROGRESS_NAME, MANIFEST_NAME
-from ckptio.checkpoint.manifest import CheckpointManifest, utc_timestamp, write_manifest
-from ckptio.errors import InvalidArgumentError, StorageError
+from ckptio.checkpoint.manifest import CheckpointManifest, utc_timestamp
+from ckptio.errors import (
+    CheckpointExistsError,
+    InvalidArgumentError,
+    ObjectExistsError,
+    StorageError,
+)
 from ckptio.storage import Storage
 
 __all__ = ["begin_checkpoint", "commit_checkpoint", "delete_checkpoint", "is_committed"]
@@ -90,11 +95,29 @@ def commit_checkpoint(storage: Storage, manifest: CheckpointManifest) -> None:
     the previous checkpoint is what resumes; if it dies after it, the
     checkpoint is complete (a leftover marker does not matter).
 
+    The manifest is *created*, never overwritten: if another saver committed
+    this directory first, its manifest stays and this commit fails.
+
     Raises:
+        CheckpointExistsError: a manifest is already there (another saver
+            committed first); it is left untouched.
         StorageError: the manifest could not be written; the checkpoint stays
             incomplete and earlier checkpoints are untouched.
     """
-    write_manifest(storage, manifest)
+    data = manifest.to_bytes()
+    try:
+        storage.create_exclusive(MANIFEST_NAME, data)
+    except ObjectExistsError as exc:
+        # A retried create whose first response was lost finds its own manifest: that is a success.
+        try:
+            ours = storage.read_bytes(MANIFEST_NAME) == data
+        except StorageError:
+            ours = False
+        if not ours:
+            raise CheckpointExistsError(
+                f"cannot commit {storage.url!r}: a manifest is already there (another saver committed first); "
+                "it is left untouched and this save is not committed"
+            ) from exc
     try:
         storage.delete(IN_PROGRESS_NAME, missing_ok=True)
     except StorageError as exc:  # committed already: a leftover marker is harmless

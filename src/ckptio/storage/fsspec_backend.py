@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import datetime as _dt
+import logging
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from ckptio.storage.retry import translate_error
 __all__ = ["FsspecStorage"]
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 #: Protocols whose ``open(path, "wb")`` publishes only on a completed upload.
 _UPLOADING_PROTOCOLS = {"s3", "s3a", "gs", "gcs"}
@@ -98,8 +100,15 @@ class _UploadWriter(StreamWriter):
     def _discard(self) -> None:
         try:
             self._file.discard()
-        except Exception:  # noqa: BLE001 - best effort; an unfinished upload is invisible anyway
-            pass
+        except Exception as exc:  # noqa: BLE001 - the upload is invisible either way; say what may be billed
+            logger.warning(
+                "could not abort the upload of %s (%s: %s); nothing was published, but an unfinished "
+                "multipart upload may remain (and be billed) until a bucket lifecycle rule removes it "
+                "(S3: AbortIncompleteMultipartUpload)",
+                self.url,
+                type(exc).__name__,
+                exc,
+            )
         # Mark closed so that garbage collection does not "close" (publish) the upload.
         self._file.closed = True
 
