@@ -54,6 +54,7 @@ SEED = {
         ("safetensors", False),
         ("strict", True),
         ("assign", False),
+        ("debug", False),
         ("keys", None),
     ],
     "get_checkpoint_metadata": [("model_dir", EMPTY)],

@@ -67,11 +67,32 @@ def test_tied_aliases_are_stored_once_and_recorded() -> None:
     assert index["metadata"] == {"total_size": 52, "step": 3, "param_sharing": [["emb", "head"]]}
 
 
-def test_sharing_group_members_absent_from_the_state_dicts_are_dropped() -> None:
-    sd = {"head": torch.ones(10), "x": torch.ones(1)}
-    index = make_shard_index([sd], param_sharing_metadata=[["emb", "head"], ["x", "y", "z"]])
+def test_sharing_groups_are_recorded_as_given() -> None:
+    # Members absent from the state dicts are kept in the record; only present names are stored.
+    sd = {"head": torch.ones(10), "x": torch.ones(1), "z": torch.ones(1)}
+    sharing = [["emb", "head"], ["x", "y", "z"]]
+    index = make_shard_index([sd], param_sharing_metadata=sharing)
     assert sorted(index["weight_map"]) == ["head", "x"]
-    assert "param_sharing" not in index["metadata"]
+    assert index["metadata"] == {"total_size": 44, "param_sharing": [["emb", "head"], ["x", "y", "z"]]}
+
+
+def test_sharing_groups_of_names_not_saved_are_recorded() -> None:
+    sharing = [["embedding.weight", "lm_head.weight"]]
+    index = make_shard_index([{"w": torch.ones(4)}], param_sharing_metadata=sharing)
+    assert index["metadata"]["param_sharing"] == sharing
+    assert index["weight_map"] == {"w": "pytorch_model-00001-of-00001.bin"}
+
+
+def test_a_loaded_index_metadata_is_accepted_and_its_own_keys_recomputed() -> None:
+    shared = torch.ones(10)
+    old = make_shard_index(
+        [{"emb": shared, "head": shared}], metadata={"step": 3}, param_sharing_metadata=[["emb", "head"]]
+    )
+    assert old["metadata"] == {"total_size": 40, "step": 3, "param_sharing": [["emb", "head"]]}
+    # A new save of untied tensors with the old metadata: both keys describe the new save.
+    new = make_shard_index([{"emb": torch.ones(2), "head": torch.ones(3)}], metadata=old["metadata"])
+    assert new["metadata"] == {"total_size": 20, "step": 3}
+    assert old["metadata"] == {"total_size": 40, "step": 3, "param_sharing": [["emb", "head"]]}  # not modified
 
 
 def test_empty_model_plans_no_shards() -> None:
@@ -85,11 +106,10 @@ def test_empty_model_plans_no_shards() -> None:
         (([{"a": [1, 2]}],), {}, "expected a tensor"),
         (([_sd(4)],), {"max_shard_size": 0}, "positive"),
         (([_sd(4)],), {"metadata": {"bad": object()}}, "JSON"),
-        (([_sd(4)],), {"metadata": {"total_size": 1}}, "total_size"),
         (([_sd(4)],), {"param_sharing_metadata": [["only-one"]]}, "groups of two or more"),
         ((_sd(4),), {}, "list of state dicts"),
     ],
-    ids=["duplicate-name", "not-a-tensor", "zero-limit", "metadata-not-json", "reserved-key", "bad-groups", "dict"],
+    ids=["duplicate-name", "not-a-tensor", "zero-limit", "metadata-not-json", "bad-groups", "dict"],
 )
 def test_bad_input_is_refused(args: tuple[object, ...], kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(InvalidArgumentError, match=match):

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
 
-from ckptio.format.reader import read_model_weights
+from ckptio.format.reader import load_weights, read_model_weights, read_state_dict
 from ckptio.format.writer import (
     publish_index,
     remove_stale_weight_files,
@@ -118,6 +118,9 @@ def load_checkpoint(
 
     With a module, loads into it following ``nn.Module.load_state_dict``
     (``strict``, ``assign``) and re-ties shared parameters; returns None.
+    Tensors an index holds that the module lacks are skipped (logged at
+    DEBUG), so each pipeline stage loads its own part of one shared index
+    with ``strict=True``; a single weights file must match the module.
     Without one, returns ``{name: tensor}`` (tied aliases map to the same tensor).
     Missing names are reported before any shard is read; local safetensors are
     memory-mapped; on object stores ``keys`` fetches only those byte ranges.
@@ -171,6 +174,38 @@ def save_sharded_checkpoint(
     write_shards(storage, shard_index, state_dict_of(module), safetensors=safetensors, debug=debug)
 
 
+@overload
+def load_sharded_checkpoint(
+    model_dir: Target,
+    shard_index: dict[str, Any],
+    module: nn.Module,
+    device: str | torch.device = ...,
+    safetensors: bool = ...,
+    strict: bool = ...,
+    assign: bool = ...,
+    debug: bool = ...,
+    keys: Iterable[str] | None = ...,
+    *,
+    storage_options: dict[str, Any] | None = ...,
+) -> set[str]: ...
+
+
+@overload
+def load_sharded_checkpoint(
+    model_dir: Target,
+    shard_index: dict[str, Any],
+    module: None = ...,
+    device: str | torch.device = ...,
+    safetensors: bool = ...,
+    strict: bool = ...,
+    assign: bool = ...,
+    debug: bool = ...,
+    keys: Iterable[str] | None = ...,
+    *,
+    storage_options: dict[str, Any] | None = ...,
+) -> dict[str, torch.Tensor]: ...
+
+
 def load_sharded_checkpoint(
     model_dir: Target,
     shard_index: dict[str, Any],
@@ -179,17 +214,36 @@ def load_sharded_checkpoint(
     safetensors: bool = False,
     strict: bool = True,
     assign: bool = False,
+    debug: bool = False,
     keys: Iterable[str] | None = None,
     *,
     storage_options: dict[str, Any] | None = None,
-) -> dict[str, torch.Tensor] | None:
+) -> set[str] | dict[str, torch.Tensor]:
     """Load the shards ``shard_index`` names from ``model_dir`` (see :func:`load_checkpoint`).
 
+    ``shard_index`` may describe more than ``module`` (one index shared by all
+    pipeline stages): tensors the module lacks are skipped even when strict.
     Each shard's format is taken from its file name, so ``safetensors`` is
     accepted for compatibility with the seed design and otherwise unused.
+
+    Args:
+        debug: log every shard read at INFO level (else DEBUG).
+
+    Returns:
+        With a module: the names of its state dict that were not loaded (empty
+        when all were; with ``strict=False`` the missing ones are here).
+        Without one: ``{name: tensor}``.
+
+    Raises:
+        StateDictMismatchError: the index lacks names of the module (strict),
+            or shapes or dtypes do not fit.
+        CorruptCheckpointError: a truncated or corrupt shard, an unsafe pickle.
+        ObjectNotFoundError: a shard the index names does not exist.
     """
     del safetensors  # the shard file names say which format each shard is
     storage = resolve_storage(model_dir, storage_options)
-    return read_model_weights(
-        storage, module, device=device, strict=strict, assign=assign, keys=keys, shard_index=shard_index
+    if module is None:
+        return read_state_dict(storage, device=device, keys=keys, shard_index=shard_index, debug=debug)
+    return load_weights(
+        storage, module, device=device, strict=strict, assign=assign, keys=keys, shard_index=shard_index, debug=debug
     )

@@ -29,6 +29,8 @@ __all__ = ["PARAM_SHARING_KEY", "alias_names", "make_shard_index", "tensor_nbyte
 
 #: Index metadata key under which groups of tied tensor names are recorded.
 PARAM_SHARING_KEY = "param_sharing"
+#: Index metadata keys the planner computes; caller values for them are replaced.
+_COMPUTED_KEYS = frozenset({"total_size", PARAM_SHARING_KEY})
 
 
 def tensor_nbytes(tensor: torch.Tensor) -> int:
@@ -54,18 +56,21 @@ def _check_sharing(param_sharing: object) -> list[list[str]]:
 
 
 def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The caller's metadata without the keys the planner computes itself.
+
+    A loaded index's metadata holds ``total_size`` and ``param_sharing``; they
+    are dropped here and recomputed, so re-saving with it describes the new save.
+    """
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
         raise InvalidArgumentError(f"metadata must be a dict, got {type(metadata).__name__}")
-    reserved = {"total_size", PARAM_SHARING_KEY} & set(metadata)
-    if reserved:
-        raise InvalidArgumentError(f"metadata must not set {sorted(reserved)}: ckptio computes them")
+    caller = {key: value for key, value in metadata.items() if key not in _COMPUTED_KEYS}
     try:
-        json.dumps(metadata)
+        json.dumps(caller)
     except (TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"metadata must be JSON-serialisable: {exc}") from exc
-    return dict(metadata)
+    return caller
 
 
 def _split(sizes: Sequence[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
@@ -99,12 +104,15 @@ def make_shard_index(
     Args:
         state_dictionaries: one state dict per part that is written
             independently (e.g. per pipeline stage); each gets its own shards.
-        metadata: JSON-serialisable caller metadata stored in the index.
+        metadata: JSON-serialisable caller metadata stored in the index; its
+            ``total_size`` and ``param_sharing`` (a loaded index's metadata has
+            them) are recomputed.
         safetensors: name shards ``model-*.safetensors`` (else ``pytorch_model-*.bin``).
         max_shard_size: largest shard in bytes; a bigger tensor gets a shard of its own.
         param_sharing_metadata: groups of tied names (see
-            :func:`~ckptio.format.sharing.create_sharing_metadata`); only the first
-            name of a group is stored, the group is recorded as ``param_sharing``.
+            :func:`~ckptio.format.sharing.create_sharing_metadata`), recorded as
+            given as ``param_sharing``; of each group only the first name present
+            in the state dicts is stored.
 
     Returns:
         ``{"metadata": {"total_size": int, ...}, "weight_map": {name: shard_file}}``.
@@ -128,9 +136,9 @@ def make_shard_index(
             if name in names:
                 raise InvalidArgumentError(f"tensor {name!r} appears in more than one state dict")
             names.add(name)
-    # A group only matters for the names being saved; its first saved member is the one stored.
-    stored_sharing = [kept for kept in ([n for n in g if n in names] for g in sharing) if len(kept) >= 2]
-    aliases = alias_names(stored_sharing)
+    # Only names being saved can be aliases: each group's first saved member is the one stored.
+    # The groups are recorded as given all the same: the caller's record of the model's ties.
+    aliases = alias_names([[n for n in g if n in names] for g in sharing])
 
     stages: list[list[list[str]]] = []
     total_size = 0
@@ -149,6 +157,6 @@ def make_shard_index(
             weight_map.update(dict.fromkeys(shard_names, file_name))
 
     index_metadata: dict[str, Any] = {"total_size": total_size, **caller_metadata}
-    if stored_sharing:
-        index_metadata[PARAM_SHARING_KEY] = stored_sharing
+    if sharing:
+        index_metadata[PARAM_SHARING_KEY] = sharing
     return {"metadata": index_metadata, "weight_map": weight_map}

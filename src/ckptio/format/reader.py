@@ -6,7 +6,10 @@ Order of work, so that a bad checkpoint is refused before anything changes:
 2. key checks follow ``nn.Module.load_state_dict`` (``strict``): missing
    tensors are reported by name before any shard is read; tied aliases that
    a checkpoint stored once (``param_sharing``) or that transformers dropped
-   (``_tied_weights_keys``) are not missing;
+   (``_tied_weights_keys``) are not missing. Tensors an *index* holds that the
+   module lacks are skipped (logged at DEBUG), as in the seed design, so a
+   pipeline stage loads its own part of one shared index with ``strict=True``;
+   a single weights file must match the module exactly;
 3. safetensors headers are checked against the module's shapes and dtypes;
 4. shards are read concurrently (a few at a time) and loaded as they arrive,
    so memory holds a few shards, not the model twice;
@@ -49,16 +52,13 @@ from ckptio.format.torch_io import read_torch_file
 from ckptio.storage import Storage
 from ckptio.storage.transfer import map_unordered
 
-__all__ = ["StateDictMismatchError", "read_model_weights"]
+__all__ = ["StateDictMismatchError", "load_weights", "read_model_weights", "read_state_dict"]
 
 logger = logging.getLogger(__name__)
-
 
 #: Shards read at once.
 _READ_WORKERS = 4
 _SHOW = 20
-
-
 
 
 def _names(names: Sequence[str]) -> str:
@@ -78,10 +78,20 @@ def _checkpoint_sharing(metadata: Mapping[str, Any], url: str) -> list[list[str]
 class _Catalog:
     """Where each stored tensor lives, plus safetensors headers fetched along the way."""
 
-    def __init__(self, storage: Storage, weight_map: dict[str, str] | None, sharing: list[list[str]]) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        weight_map: dict[str, str] | None,
+        sharing: list[list[str]],
+        *,
+        from_index: bool,
+        debug: bool = False,
+    ) -> None:
         self.storage = storage
         self.weight_map = weight_map  # None: a single .bin file whose names are known only once loaded
         self.sharing = sharing
+        self.from_index = from_index  # an index may hold more than one module (pipeline stages)
+        self.log_level = logging.INFO if debug else logging.DEBUG
         self.headers: dict[str, SafetensorsHeader] = {}
         self.preloaded: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -97,7 +107,7 @@ class _Catalog:
             self.headers[name] = header
 
 
-def _open_catalog(storage: Storage, device: str | torch.device) -> _Catalog:
+def _open_catalog(storage: Storage, device: str | torch.device, debug: bool) -> _Catalog:
     meta = detect_layout(storage)
     if meta is None:
         raise CheckpointNotFoundError(
@@ -105,15 +115,14 @@ def _open_catalog(storage: Storage, device: str | torch.device) -> _Catalog:
         )
     if meta.is_index:
         index = read_index(storage, meta.file_name)
-        return _Catalog(
-            storage, dict(index["weight_map"]), _checkpoint_sharing(index["metadata"], storage.url_of(meta.file_name))
-        )
+        sharing = _checkpoint_sharing(index["metadata"], storage.url_of(meta.file_name))
+        return _Catalog(storage, dict(index["weight_map"]), sharing, from_index=True, debug=debug)
     if meta.safetensors:
-        catalog = _Catalog(storage, {}, [])
+        catalog = _Catalog(storage, {}, [], from_index=False, debug=debug)
         header = catalog.header(meta.file_name)
         catalog.weight_map = dict.fromkeys(header.entries, meta.file_name)
         return catalog
-    catalog = _Catalog(storage, None, [])
+    catalog = _Catalog(storage, None, [], from_index=False, debug=debug)
     loaded = read_torch_file(storage, meta.file_name, device=device)
     catalog.weight_map = dict.fromkeys(loaded, meta.file_name)
     catalog.preloaded[meta.file_name] = loaded
@@ -123,12 +132,23 @@ def _open_catalog(storage: Storage, device: str | torch.device) -> _Catalog:
 def _read_file(
     catalog: _Catalog, file_name: str, names: list[str], device: str | torch.device
 ) -> dict[str, torch.Tensor]:
+    started = time.monotonic()
     if file_name in catalog.preloaded:
         loaded = catalog.preloaded[file_name]
-        return {n: loaded[n] for n in names}
-    if file_name.endswith(".safetensors"):
-        return read_safetensors(catalog.storage, file_name, names, device=device, header=catalog.headers.get(file_name))
-    return read_torch_file(catalog.storage, file_name, names, device=device)
+        tensors = {n: loaded[n] for n in names}
+    elif file_name.endswith(".safetensors"):
+        header = catalog.headers.get(file_name)
+        tensors = read_safetensors(catalog.storage, file_name, names, device=device, header=header)
+    else:
+        tensors = read_torch_file(catalog.storage, file_name, names, device=device)
+    logger.log(
+        catalog.log_level,
+        "read %s (%d tensors) in %.2fs",
+        catalog.storage.url_of(file_name),
+        len(tensors),
+        time.monotonic() - started,
+    )
+    return tensors
 
 
 def _by_file(weight_map: Mapping[str, str], names: Iterable[str]) -> list[tuple[str, list[str]]]:
@@ -202,7 +222,8 @@ def _load_into(
     strict: bool,
     assign: bool,
     keys: Iterable[str] | None,
-) -> None:
+) -> set[str]:
+    """Load into ``module``; return the names of its state dict that were not loaded."""
     url = catalog.storage.url
     targets = module.state_dict(keep_vars=True)
     weight_map = catalog.weight_map or {}
@@ -213,7 +234,7 @@ def _load_into(
     sources = {n: n for n in weight_map} | _source_of(groups, weight_map)
     wanted = list(keys) if keys is not None else list(targets)
     missing = [n for n in wanted if n not in sources and n not in hf_aliases]
-    unexpected = [n for n in (wanted if keys is not None else weight_map) if n not in targets]
+    unexpected = _unexpected(catalog, module, wanted if keys is not None else None, targets)
     if strict and (missing or unexpected):
         parts = [f"missing {_names(missing)}"] if missing else []
         parts += [f"unexpected {_names(unexpected)}"] if unexpected else []
@@ -244,6 +265,32 @@ def _load_into(
     tie_weights = getattr(module, "tie_weights", None)
     if callable(tie_weights) and any(n not in sources for n in hf_aliases):
         tie_weights()  # transformers 4 lists aliases without saying what they are tied to
+    covered = {n for n in wanted if n in sources or n in hf_aliases}
+    return {n for n in targets if n not in covered}
+
+
+def _unexpected(
+    catalog: _Catalog, module: nn.Module, keys: list[str] | None, targets: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """Names that strict loading refuses because the module lacks them.
+
+    Names asked for by ``keys`` always count. Of the rest, only a single
+    weights file's count: an index may describe more than this module (one
+    shared index for all pipeline stages), so its other tensors are skipped.
+    """
+    if keys is not None:
+        return [n for n in keys if n not in targets]
+    extra = [n for n in catalog.weight_map or {} if n not in targets]
+    if catalog.from_index and extra:
+        logger.debug(
+            "skipping %d tensors of %s that %s does not have: %s",
+            len(extra),
+            catalog.storage.url,
+            type(module).__name__,
+            _names(extra),
+        )
+        return []
+    return extra
 
 
 def _check_loaded_shapes(url: str, tensors: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> None:
@@ -256,14 +303,90 @@ def _check_loaded_shapes(url: str, tensors: Mapping[str, torch.Tensor], targets:
         raise StateDictMismatchError(f"cannot load {url!r}: {'; '.join(problems[:_SHOW])}")
 
 
-def _catalog_of_index(storage: Storage, shard_index: Mapping[str, Any]) -> _Catalog:
+def _catalog_of_index(storage: Storage, shard_index: Mapping[str, Any], debug: bool) -> _Catalog:
     weight_map = shard_index.get("weight_map")
     if not isinstance(weight_map, Mapping):
         raise InvalidArgumentError("shard_index has no 'weight_map' dict")
     for file_name in weight_map.values():
         validate_shard_file_name(file_name, storage.url)
     metadata = shard_index.get("metadata") or {}
-    return _Catalog(storage, dict(weight_map), _checkpoint_sharing(metadata, storage.url))
+    sharing = _checkpoint_sharing(metadata, storage.url)
+    return _Catalog(storage, dict(weight_map), sharing, from_index=True, debug=debug)
+
+
+def _catalog(
+    storage: Storage, device: str | torch.device, shard_index: Mapping[str, Any] | None, debug: bool
+) -> _Catalog:
+    if shard_index is None:
+        return _open_catalog(storage, device, debug)
+    return _catalog_of_index(storage, shard_index, debug)
+
+
+def read_state_dict(
+    storage: Storage,
+    *,
+    device: str | torch.device = "cpu",
+    keys: Iterable[str] | None = None,
+    shard_index: Mapping[str, Any] | None = None,
+    debug: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Read the weights at the root of ``storage`` as ``{name: tensor}``.
+
+    Args:
+        device: where the loaded tensors are placed.
+        keys: only these tensors (on object stores only their byte ranges are fetched).
+        shard_index: read the shards this index names instead of the directory's own
+            index (``load_sharded_checkpoint``).
+        debug: log every file read at INFO level (else DEBUG).
+
+    Raises:
+        CheckpointNotFoundError: no weights or index file at the root.
+        StateDictMismatchError: a name of ``keys`` is not in the checkpoint.
+        CorruptCheckpointError: a malformed index, truncated or corrupt shard, unsafe pickle.
+        ObjectNotFoundError: a shard the index names does not exist.
+    """
+    started = time.monotonic()
+    result = _read_state_dict(_catalog(storage, device, shard_index, debug), keys, device)
+    logger.info("read %d tensors from %s in %.2fs", len(result), storage.url, time.monotonic() - started)
+    return result
+
+
+def load_weights(
+    storage: Storage,
+    module: nn.Module,
+    *,
+    device: str | torch.device = "cpu",
+    strict: bool = True,
+    assign: bool = False,
+    keys: Iterable[str] | None = None,
+    shard_index: Mapping[str, Any] | None = None,
+    debug: bool = False,
+) -> set[str]:
+    """Load the weights at the root of ``storage`` into ``module``.
+
+    Args:
+        strict, assign: as in ``nn.Module.load_state_dict``; tensors an index
+            holds that the module lacks are skipped even when strict.
+        keys: only these names of the module.
+        shard_index, device, debug: as in :func:`read_state_dict`.
+
+    Returns:
+        The names of ``module``'s state dict that were not loaded (empty when
+        every one was; with ``strict=False`` the missing ones are here).
+
+    Raises:
+        CheckpointNotFoundError: no weights or index file at the root.
+        StateDictMismatchError: missing/unexpected names (strict), wrong shapes or dtypes.
+        CorruptCheckpointError: a malformed index, truncated or corrupt shard, unsafe pickle.
+        ObjectNotFoundError: a shard the index names does not exist.
+    """
+    started = time.monotonic()
+    if not isinstance(module, nn.Module):
+        raise InvalidArgumentError(f"cannot load into {type(module).__name__}: expected an nn.Module or None")
+    catalog = _catalog(storage, device, shard_index, debug)
+    unloaded = _load_into(catalog, module, device=device, strict=strict, assign=assign, keys=keys)
+    logger.info("loaded model weights from %s in %.2fs", storage.url, time.monotonic() - started)
+    return unloaded
 
 
 def read_model_weights(
@@ -275,31 +398,15 @@ def read_model_weights(
     assign: bool = False,
     keys: Iterable[str] | None = None,
     shard_index: Mapping[str, Any] | None = None,
+    debug: bool = False,
 ) -> dict[str, torch.Tensor] | None:
-    """Load the weights at the root of ``storage`` (index + shards, or one weights file).
+    """Load into ``module`` (returns None), or return a state dict when it is None.
 
-    Args:
-        module: load into it (returns None); None returns a state dict.
-        device: where the loaded tensors are placed.
-        strict, assign: as in ``nn.Module.load_state_dict``.
-        keys: only these tensors (on object stores only their byte ranges are fetched).
-        shard_index: read the shards this index names instead of the directory's own
-            index (``load_sharded_checkpoint``).
-
-    Raises:
-        CheckpointNotFoundError: no weights or index file at the root.
-        StateDictMismatchError: missing/unexpected names (strict), wrong shapes or dtypes.
-        CorruptCheckpointError: a malformed index, truncated or corrupt shard, unsafe pickle.
-        ObjectNotFoundError: a shard the index names does not exist.
+    See :func:`load_weights` and :func:`read_state_dict` for the arguments and errors.
     """
-    started = time.monotonic()
-    if module is not None and not isinstance(module, nn.Module):
-        raise InvalidArgumentError(f"cannot load into {type(module).__name__}: expected an nn.Module or None")
-    catalog = _open_catalog(storage, device) if shard_index is None else _catalog_of_index(storage, shard_index)
     if module is None:
-        result = _read_state_dict(catalog, keys, device)
-        logger.info("read %d tensors from %s in %.2fs", len(result), storage.url, time.monotonic() - started)
-        return result
-    _load_into(catalog, module, device=device, strict=strict, assign=assign, keys=keys)
-    logger.info("loaded model weights from %s in %.2fs", storage.url, time.monotonic() - started)
+        return read_state_dict(storage, device=device, keys=keys, shard_index=shard_index, debug=debug)
+    load_weights(
+        storage, module, device=device, strict=strict, assign=assign, keys=keys, shard_index=shard_index, debug=debug
+    )
     return None

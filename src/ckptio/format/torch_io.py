@@ -2,7 +2,10 @@
 
 ``torch.save`` writes its zip archive sequentially, so it streams straight into
 a storage writer (a multipart upload on object stores): tensor data goes out
-from the tensors' own memory, in slices. Loading is only ever done with
+from the tensors' own memory, in slices. torch's zip writer turns an exception
+raised by the file it writes to into a bare ``RuntimeError``; the storage error
+is kept and raised instead, so it names the object and can be retried when
+transient. Loading is only ever done with
 ``weights_only=True``; a file that needs arbitrary pickled objects is refused
 as corrupt rather than executed. Local files load by mmap.
 """
@@ -14,13 +17,14 @@ import os
 import pickle
 import zipfile
 from collections.abc import Iterable, Mapping
-from typing import IO, Any, cast
+from typing import IO, Any, NoReturn, cast
 
 import torch
 
-from ckptio.errors import CorruptCheckpointError
+from ckptio.errors import CkptioError, CorruptCheckpointError
 from ckptio.storage import Storage, StreamWriter
 from ckptio.storage.integrity import ChecksumWriter, FileRecord
+from ckptio.storage.retry import translate_error
 
 __all__ = ["read_torch_file", "write_torch_file"]
 
@@ -29,15 +33,26 @@ _ZIP_MAGIC = b"PK\x03\x04"
 
 
 class _WriterFile:
-    """The file-like object ``torch.save`` needs (``write``/``flush``) over a StreamWriter."""
+    """The file-like object ``torch.save`` needs (``write``/``flush``) over a StreamWriter.
+
+    Keeps the first exception a write raised (``error``): torch's zip writer
+    replaces it with a ``RuntimeError`` that names neither the object nor the cause.
+    """
 
     def __init__(self, writer: StreamWriter) -> None:
         self._writer = writer
+        self.error: BaseException | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self.error is not None:
+            raise self.error  # the stream is broken: never write past a failure
         view = memoryview(data).cast("B")
-        for start in range(0, view.nbytes, _WRITE_CHUNK):
-            self._writer.write(view[start : start + _WRITE_CHUNK])
+        try:
+            for start in range(0, view.nbytes, _WRITE_CHUNK):
+                self._writer.write(view[start : start + _WRITE_CHUNK])
+        except BaseException as exc:
+            self.error = exc
+            raise
         return view.nbytes
 
     def flush(self) -> None:
@@ -60,14 +75,35 @@ def _saveable(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _raise_write_failure(error: BaseException, url: str) -> NoReturn:
+    """Raise the storage's own error for a failed stream, as a ckptio error naming ``url``."""
+    if isinstance(error, CkptioError) or not isinstance(error, Exception):
+        raise error  # already names the object (its cause chained); a SimulatedCrash stays a crash
+    raise translate_error(error, url, "write") from error
+
+
 def write_torch_file(storage: Storage, key: str, tensors: Mapping[str, torch.Tensor]) -> FileRecord:
-    """Stream ``torch.save(tensors)`` into object ``key``; publish it only when complete."""
+    """Stream ``torch.save(tensors)`` into object ``key``; publish it only when complete.
+
+    Raises:
+        StorageError: the storage failed mid-stream (naming the object; the
+            previous object of that name, if any, is untouched).
+    """
+    url = storage.url_of(key)
     payload = {name: _saveable(t) for name, t in tensors.items()}
     writer = ChecksumWriter(storage.open_writer(key), key)
+    file = _WriterFile(writer)
     with writer:
-        torch.save(payload, cast(IO[bytes], _WriterFile(writer)))
+        try:
+            torch.save(payload, cast(IO[bytes], file))
+        except Exception:
+            if file.error is None:
+                raise
+        # Outside the handler: torch's "unexpected pos" RuntimeError only adds noise to the chain.
+        if file.error is not None:
+            _raise_write_failure(file.error, url)  # inside the with block: the stream is aborted
     if writer.record is None:  # pragma: no cover - commit always sets it
-        raise RuntimeError(f"writer for {storage.url_of(key)!r} committed without a record")
+        raise RuntimeError(f"writer for {url!r} committed without a record")
     return writer.record
 
 

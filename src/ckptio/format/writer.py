@@ -5,6 +5,11 @@ complete, so a crashed save is never taken for a complete one. Files of an
 earlier save that the new index does not name are removed only after the new
 index is published.
 
+A shard whose stream fails transiently (a timeout, a 5xx, throttling) is
+written again from its first byte, with the storage's retry policy: a
+streaming upload cannot resume mid-way, and the failed attempt published
+nothing.
+
 Re-saving *in place* reuses the Hugging Face shard names, so a crash in the
 middle of overwriting a shard of the same name leaves the previous index
 pointing at a mix of old and new shards; save each checkpoint into a fresh
@@ -13,15 +18,16 @@ directory (as the checkpoint manager does) when that matters.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ckptio.errors import InvalidArgumentError
+from ckptio.errors import CkptioError, InvalidArgumentError, TransientStorageError
 from ckptio.format.constants import SAFETENSORS_METADATA, index_name_for
 from ckptio.format.index import (
     index_shard_files,
@@ -33,7 +39,13 @@ from ckptio.format.planner import PARAM_SHARING_KEY, alias_names, make_shard_ind
 from ckptio.format.safetensors_io import check_writable, write_safetensors
 from ckptio.format.sharing import create_sharing_metadata
 from ckptio.format.torch_io import write_torch_file
-from ckptio.storage import Storage
+from ckptio.storage import (
+    RetryingStorage,
+    RetryPolicy,
+    Storage,
+    StorageWrapper,
+    is_transient,
+)
 from ckptio.storage.integrity import FileRecord, checksum_bytes
 from ckptio.storage.transfer import map_concurrently
 
@@ -43,6 +55,7 @@ __all__ = [
     "state_dict_of",
     "write_model_weights",
     "write_shards",
+    "write_with_retries",
 ]
 
 logger = logging.getLogger(__name__)
@@ -97,6 +110,55 @@ def _shard_contents(
     return contents
 
 
+def _retry_policy(storage: Storage) -> RetryPolicy:
+    """The policy of the first :class:`RetryingStorage` in ``storage``'s wrappers, else the default."""
+    current: Storage | None = storage
+    while isinstance(current, StorageWrapper):
+        if isinstance(current, RetryingStorage):
+            return current.policy
+        current = current.inner
+    return RetryPolicy()
+
+
+def write_with_retries(
+    storage: Storage,
+    key: str,
+    write: Callable[[], FileRecord],
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+) -> FileRecord:
+    """Call ``write`` (one whole streamed object), again from scratch after a transient failure.
+
+    A failed stream is aborted by the writer, so nothing of a failed attempt is
+    published. Other errors propagate unchanged.
+
+    Raises:
+        TransientStorageError: the failure was still transient after the
+            policy's attempts or deadline (naming the object's URL).
+    """
+    policy = _retry_policy(storage)
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            return write()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            attempt += 1
+            if attempt >= policy.max_attempts or time.monotonic() - started >= policy.deadline:
+                if isinstance(exc, CkptioError):
+                    raise
+                raise TransientStorageError(
+                    errno.EIO,
+                    f"cannot write {storage.url_of(key)!r}: still failing after {attempt} attempts "
+                    f"({type(exc).__name__}: {exc}); nothing was published under that name",
+                ) from exc
+            delay = policy.delay(attempt - 1)
+            logger.info("writing %s again in %.2fs after a transient failure: %s", storage.url_of(key), delay, exc)
+            sleep(delay)
+
+
 def write_shards(
     storage: Storage,
     shard_index: Mapping[str, Any],
@@ -133,13 +195,15 @@ def write_shards(
                 check_writable(name, tensor, storage.url_of(file_name))
     level = logging.INFO if debug else logging.DEBUG
 
+    def write_once(file_name: str, tensors: dict[str, torch.Tensor]) -> FileRecord:
+        if _format_of(file_name):
+            return write_safetensors(storage, file_name, tensors, metadata=SAFETENSORS_METADATA)
+        return write_torch_file(storage, file_name, tensors)
+
     def write(item: tuple[str, dict[str, torch.Tensor]]) -> FileRecord:
         file_name, tensors = item
         started = time.monotonic()
-        if _format_of(file_name):
-            record = write_safetensors(storage, file_name, tensors, metadata=SAFETENSORS_METADATA)
-        else:
-            record = write_torch_file(storage, file_name, tensors)
+        record = write_with_retries(storage, file_name, lambda: write_once(file_name, tensors))
         logger.log(
             level,
             "wrote %s (%d tensors, %d bytes) in %.2fs",
