@@ -38,12 +38,13 @@ def build_checkpoint(
     commit: bool = True,
     marker: bool = False,
 ) -> Storage:
-    """Write ``files`` into ``checkpoints/<name>`` of ``root`` and return that directory.
+    """Write ``files`` into an emptied ``checkpoints/<name>`` of ``root`` and return that directory.
 
     With ``commit`` a manifest listing every file (timestamp ``at``, default
     now) is written last; with ``marker`` the in-progress marker is written first.
     """
     checkpoint = root.child(f"{CHECKPOINTS_DIR}/{name}")
+    checkpoint.delete_prefix("")  # built afresh: a commit never overwrites an existing manifest
     if marker:
         begin_checkpoint(checkpoint, checkpoint_id=parse_checkpoint_id(name), world_size=1)
     contents = DEFAULT_FILES if files is None else files

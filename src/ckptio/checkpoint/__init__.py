@@ -21,6 +21,7 @@ from ckptio.checkpoint.discovery import (
     find_latest_checkpoint,
     list_checkpoints,
     scan_checkpoints,
+    scan_latest_complete,
 )
 from ckptio.checkpoint.layout import (
     CHECKPOINT_PREFIX,
@@ -107,6 +108,7 @@ __all__ = [
     "rotate_checkpoints",
     "save_checkpoint_metrics",
     "scan_checkpoints",
+    "scan_latest_complete",
     "select_for_deletion",
     "utc_timestamp",
     "validate_checkpoint",

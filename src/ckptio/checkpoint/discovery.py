@@ -30,11 +30,14 @@ from typing import Any
 from ckptio.checkpoint.layout import (
     CHECKPOINT_PREFIX,
     CHECKPOINTS_DIR,
+    IN_PROGRESS_NAME,
+    MANIFEST_NAME,
     join_location,
     parse_checkpoint_id,
 )
 from ckptio.checkpoint.manifest import CheckpointManifest, parse_timestamp
 from ckptio.checkpoint.validate import (
+    WEIGHTS_NAMES,
     CheckpointStatus,
     inspect_checkpoint,
 )
@@ -48,6 +51,7 @@ __all__ = [
     "find_latest_checkpoint",
     "list_checkpoints",
     "scan_checkpoints",
+    "scan_latest_complete",
 ]
 
 logger = logging.getLogger(__name__)
@@ -178,20 +182,76 @@ class CheckpointScan:
         return max((e.checkpoint_id for e in self.entries if e.checkpoint_id is not None), default=0) + 1
 
 
-def scan_checkpoints(storage: Storage) -> CheckpointScan:
-    """List and classify ``checkpoints/checkpoint-*`` below ``storage`` in one listing.
-
-    Requests: one paginated listing, plus one read per manifest this process
-    has not read before; none per file.
-    """
+def _list_groups(storage: Storage) -> tuple[dict[str, list[ObjectInfo]], bool]:
+    """One listing of ``checkpoints/``: each checkpoint folder's objects, and whether anything is there."""
     groups: dict[str, list[ObjectInfo]] = {}
     objects = storage.list_objects(CHECKPOINTS_DIR)
     for info in objects:
         name, sep, rest = info.key.partition("/")
         if sep and rest and name.startswith(CHECKPOINT_PREFIX):
             groups.setdefault(name, []).append(dataclasses.replace(info, key=rest))
+    return groups, bool(objects)
+
+
+def scan_checkpoints(storage: Storage) -> CheckpointScan:
+    """List and classify every ``checkpoints/checkpoint-*`` below ``storage`` in one listing.
+
+    Requests: one paginated listing, plus one read per manifest this process
+    has not read before; none per file.
+    """
+    groups, has_objects = _list_groups(storage)
     entries = [_entry(storage, name, group) for name, group in groups.items()]
-    return CheckpointScan(sorted(entries, key=entry_sort_key), bool(objects))
+    return CheckpointScan(sorted(entries, key=entry_sort_key), has_objects)
+
+
+def _listed_time(objects: list[ObjectInfo]) -> float | None:
+    """When the store says a folder was committed: its manifest's mtime, else its newest object's."""
+    manifest = next((o for o in objects if o.key == MANIFEST_NAME), None)
+    times = [manifest.mtime] if manifest is not None else [o.mtime for o in objects]
+    return max((t for t in times if t is not None), default=None)
+
+
+def _could_be_checkpoint(objects: list[ObjectInfo]) -> bool:
+    """Whether the listing alone leaves room for a complete checkpoint (else nothing needs reading)."""
+    keys = {o.key for o in objects}
+    if MANIFEST_NAME in keys:
+        return True
+    return IN_PROGRESS_NAME not in keys and any(name in keys for name in WEIGHTS_NAMES)
+
+
+def scan_latest_complete(storage: Storage) -> CheckpointScan:
+    """Find the newest complete checkpoint reading as few manifests as possible.
+
+    One listing of ``checkpoints/``; then folders are inspected newest first by
+    the store's own modification time of their manifest, and the search stops
+    as soon as the best complete checkpoint found has a manifest timestamp
+    later than every remaining folder's modification time: a manifest's
+    timestamp is taken before it is written, so no older-listed folder can hold
+    a later one (unless the saver's clock ran ahead of the store's, in which
+    case the store's order of commits is trusted). Resuming a run of any
+    length thus reads one or two manifests.
+
+    Returns:
+        A scan whose entries are the folders that were inspected (so
+        :attr:`CheckpointScan.latest_complete` is the answer), not every folder.
+    """
+    groups, has_objects = _list_groups(storage)
+    candidates = sorted(
+        ((_listed_time(objs), parse_checkpoint_id(name), name) for name, objs in groups.items() if _could_be_checkpoint(objs)),
+        key=lambda c: (c[0] if c[0] is not None else float("inf"), c[1] if c[1] is not None else -1, c[2]),
+        reverse=True,
+    )
+    inspected: list[CheckpointEntry] = []
+    best: CheckpointEntry | None = None
+    for listed_time, _, name in candidates:
+        best_time = best.time if best is not None else None
+        if best_time is not None and listed_time is not None and best_time.timestamp() > listed_time:
+            break  # sorted newest first: every remaining folder is older still
+        entry = _entry(storage, name, groups[name])
+        inspected.append(entry)
+        if entry.is_complete and (best is None or entry_sort_key(entry) > entry_sort_key(best)):
+            best = entry
+    return CheckpointScan(sorted(inspected, key=entry_sort_key), has_objects)
 
 
 def find_latest_checkpoint(
@@ -213,7 +273,7 @@ def find_latest_checkpoint(
         path, a URL stays a URL; a Storage gives its URL), or None.
     """
     storage = resolve_storage(model_dir, storage_options)
-    scan = scan_checkpoints(storage)
+    scan = scan_latest_complete(storage)
     latest = scan.latest_complete
     if latest is not None:
         return join_location(model_dir, f"{CHECKPOINTS_DIR}/{latest.name}")

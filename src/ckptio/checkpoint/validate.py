@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 
 _INDEX_NAMES = (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)
-_WEIGHTS_NAMES = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME, *_INDEX_NAMES)
+WEIGHTS_NAMES = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME, *_INDEX_NAMES)
 _MAX_WORKERS = 16
 
 
@@ -108,7 +108,7 @@ def _manifest_problems(storage: Storage, manifest: CheckpointManifest, infos: di
 
 def _weights_status(storage: Storage, keys: set[str]) -> tuple[CheckpointStatus, list[str]]:
     """Status of a directory with neither manifest nor marker, by its weights files."""
-    if not any(name in keys for name in _WEIGHTS_NAMES):
+    if not any(name in keys for name in WEIGHTS_NAMES):
         return CheckpointStatus.NOT_A_CHECKPOINT, [f"{storage.url} has no manifest and no weights or index file"]
     problems: list[str] = []
     for index_name in _INDEX_NAMES:

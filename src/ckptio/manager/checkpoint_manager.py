@@ -48,6 +48,7 @@ from ckptio.checkpoint import (
     rotate_checkpoints,
     save_checkpoint_metrics,
     scan_checkpoints,
+    scan_latest_complete,
     utc_timestamp,
     validate_checkpoint,
     verify_checkpoint,
@@ -273,15 +274,25 @@ class CheckpointManager:
         return path
 
     def _plan_save(self, checkpoint_path: str | None, checkpoint_id: int | str | None) -> _SavePlan:
-        """Where the save goes, and (when rotation follows) the run's checkpoints: one listing."""
-        rotates = self.config.save_total_limit is not None
-        scan = scan_checkpoints(self.storage) if (rotates or (checkpoint_path is None and checkpoint_id is None)) else None
+        """Where the save goes, and (when rotation follows) the run's checkpoints: one listing.
+
+        Rotation needs every checkpoint's status (manifests are read once per
+        process, and rotation bounds how many there are); the next number alone
+        needs only the folder names.
+        """
+        scan = scan_checkpoints(self.storage) if self.config.save_total_limit is not None else None
         if checkpoint_path is not None:
             path = checkpoint_path
         else:
-            number = checkpoint_id if checkpoint_id is not None else (scan.next_checkpoint_id() if scan else 1)
+            if checkpoint_id is not None:
+                number: int | str = checkpoint_id
+            elif scan is not None:
+                number = scan.next_checkpoint_id()
+            else:
+                ids = [parse_checkpoint_id(name) for name in self.storage.list(CHECKPOINTS_DIR)]
+                number = max((i for i in ids if i is not None), default=0) + 1
             path = self.storage.url_of(checkpoint_key(number))
-        return _SavePlan(path=path, entries=scan.entries if scan is not None and rotates else None)
+        return _SavePlan(path=path, entries=scan.entries if scan is not None else None)
 
     def _begin(self, storage: Storage, path: str, world: World) -> None:
         status = checkpoint_status(storage)
@@ -370,7 +381,7 @@ class CheckpointManager:
     def _find_loadable(self, checkpoint_path: str | None) -> tuple[str, CheckpointManifest | None]:
         """Rank 0: the checkpoint to load and its manifest (checksums verified when configured)."""
         if checkpoint_path is None:
-            latest = scan_checkpoints(self.storage).latest_complete
+            latest = scan_latest_complete(self.storage).latest_complete
             if latest is not None:
                 path, manifest = latest.url, latest.manifest
             else:
