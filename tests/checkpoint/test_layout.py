@@ -96,3 +96,8 @@ def test_next_checkpoint_path_of_a_storage_is_its_url() -> None:
 def test_join_location_with_empty_key_is_the_base_itself() -> None:
     assert join_location("s3://b/run/", "") == "s3://b/run/"
     assert join_location("run", "checkpoints/checkpoint-1") == "run/checkpoints/checkpoint-1"
+
+
+def test_next_checkpoint_path_takes_storage_options_like_every_directory_function() -> None:
+    options = {"key": "k", "secret": "s"}
+    assert next_checkpoint_path("s3://b/run", 7, storage_options=options) == "s3://b/run/checkpoints/checkpoint-7"

@@ -83,9 +83,23 @@ def save_load_every_pattern(rank: int, world_size: int, output: str) -> dict[str
         result["mismatch"] = None
     except CheckpointError as exc:
         result["mismatch"] = str(exc)
+        result["mismatch_type"] = type(exc).__name__
+        result["mismatch_ranks"] = getattr(exc, "ranks", None)
     dist.barrier()
     result["latest"] = find_latest_checkpoint(output)
     manifest = read_manifest(open_storage(path))
     result["manifest"] = {c.key: (c.ranks, c.files) for c in manifest.components.values()} if manifest else None
     result["world_size"] = manifest.world_size if manifest else None
     return result
+
+
+def save_twice_to_one_id(rank: int, world_size: int, output: str) -> dict[str, Any]:
+    """Every rank saves checkpoint 1 twice: the second save fails on rank 0 (a complete checkpoint is there)."""
+    torch.manual_seed(0)
+    manager = CheckpointManager(CheckpointConfig(output_dir=output), None, model=nn.Linear(4, 4))
+    manager.save_checkpoint(checkpoint_id=1)
+    try:
+        manager.save_checkpoint(checkpoint_id=1)
+    except Exception as exc:  # noqa: BLE001 - the test inspects what every rank raised
+        return {"type": type(exc).__name__, "message": str(exc)}
+    return {"type": None, "message": ""}

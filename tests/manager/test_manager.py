@@ -214,3 +214,34 @@ def test_a_folder_of_foreign_files_is_never_cleared(backend_url) -> None:
     with pytest.raises(CheckpointExistsError, match="not a ckptio checkpoint"):
         manager_for(TinyTrainer(), backend_url).save_checkpoint(checkpoint_id=3)
     assert foreign.read_bytes("notes.txt") == b"precious"
+
+
+def test_a_bare_checkpoint_name_always_means_one_under_the_output_dir(
+    backend_url, tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    (cwd / "checkpoint-1").mkdir()  # a folder of that name in the working directory must never be used
+    trainer = TinyTrainer()
+    manager = manager_for(trainer, backend_url, preserve_n_best=1)
+    path = manager.save_checkpoint()
+    assert manager.resolve_checkpoint_path("checkpoint-1") == path
+    assert manager.update_best_checkpoints("checkpoint-1", {"loss": 0.25})
+    manager.set_best_checkpoint("checkpoint-1")
+    assert load_checkpoint_metrics(path, storage_options=backend_url.storage_options) == {"loss": 0.25}
+    manager_for(TinyTrainer(seed=2), backend_url).load_checkpoint("checkpoint-1")
+    assert list(cwd.iterdir()) == [cwd / "checkpoint-1"] and not any((cwd / "checkpoint-1").iterdir())
+    with caplog.at_level("WARNING", logger="ckptio.manager.checkpoint_manager"):
+        assert manager.resolve_checkpoint_path("checkpoint-9") is None
+    assert "checkpoint-9" in caplog.text
+
+
+def test_an_explicit_path_that_is_not_a_valid_checkpoint_resolves_to_none(backend_url) -> None:
+    trainer = TinyTrainer()
+    manager = manager_for(trainer, backend_url)
+    manager.save_checkpoint()
+    leftover = storage_of(backend_url).child("checkpoints/checkpoint-2")
+    leftover.write_bytes(IN_PROGRESS_NAME, b"{}")
+    assert manager.resolve_checkpoint_path(leftover.url) is None
+    assert manager.resolve_checkpoint_path(None) == storage_of(backend_url).url_of("checkpoints/checkpoint-1")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 from ckptio.errors import InvalidArgumentError
 from ckptio.format.layout import is_weight_file_name
@@ -129,12 +130,18 @@ def join_location(base: str | os.PathLike[str] | Storage, key: str) -> str:
     return f"{stripped}/{key}"
 
 
-def next_checkpoint_path(model_dir: str | os.PathLike[str] | Storage, checkpoint_id: int | str) -> str:
+def next_checkpoint_path(
+    model_dir: str | os.PathLike[str] | Storage,
+    checkpoint_id: int | str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
     """Return ``"<model_dir>/checkpoints/checkpoint-<id>"`` in the caller's form.
 
     A local path stays a local path and a URL stays a URL (joined with ``/``);
     a :class:`~ckptio.storage.Storage` gives the URL of that key. Nothing is
-    created.
+    created and nothing is contacted, so ``storage_options`` (accepted like in
+    every function that takes a directory) are not needed to compute it.
 
     Raises:
         InvalidArgumentError: the checkpoint id is unusable (see :func:`checkpoint_dir_name`).

@@ -37,6 +37,7 @@ from ckptio.storage.integrity import FileRecord
 
 __all__ = [
     "FORMAT_VERSION",
+    "forget_manifests",
     "SHARING_PATTERN_VALUES",
     "CheckpointManifest",
     "ComponentManifest",
@@ -417,7 +418,17 @@ class _ManifestCache:
                 self._entries.popitem(last=False)
 
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
 _MANIFESTS = _ManifestCache()
+
+
+def forget_manifests() -> None:
+    """Forget every manifest this process has read (the next discovery reads them again)."""
+    _MANIFESTS.clear()
 
 
 def read_manifest(storage: Storage, *, listed: ObjectInfo | None = None) -> CheckpointManifest | None:
@@ -444,7 +455,8 @@ def read_manifest(storage: Storage, *, listed: ObjectInfo | None = None) -> Chec
         if cached is not None:
             return cached
     try:
-        raw = storage.read_bytes(MANIFEST_NAME)
+        # An explicit open range: one GET, without the size lookup some clients make before a whole read.
+        raw = storage.read_bytes(MANIFEST_NAME, 0)
     except ObjectNotFoundError:
         return None
     manifest = CheckpointManifest.from_json(raw, url=url)

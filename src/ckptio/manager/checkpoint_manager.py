@@ -37,7 +37,6 @@ from ckptio.checkpoint import (
     CheckpointStatus,
     begin_checkpoint,
     checkpoint_key,
-    checkpoint_status,
     commit_checkpoint,
     encode_metrics,
     find_latest_checkpoint,
@@ -73,7 +72,7 @@ from ckptio.manager.config import CheckpointConfig
 from ckptio.manager.failures import RankFailure, error_for
 from ckptio.manager.model_dir import save_model_directory
 from ckptio.state import StateComponent, StatefulProvider, World, process_groups_of
-from ckptio.storage import Storage, open_storage
+from ckptio.storage import KnownObjectsStorage, ObjectInfo, Storage, open_storage
 from ckptio.storage.integrity import FileRecord, checksum_bytes
 
 __all__ = ["CheckpointManager"]
@@ -101,6 +100,8 @@ class _SavePlan:
     path: str
     #: The run's checkpoints as listed before the save (None when no rotation follows).
     entries: list[CheckpointEntry] | None
+    #: The target folder's objects when that listing covered it (() for a new folder), else None.
+    target_objects: tuple[ObjectInfo, ...] | None = None
 
 
 class CheckpointManager:
@@ -235,7 +236,7 @@ class CheckpointManager:
         path = plan.path
         storage = self._checkpoint_storage(path)
         action = f"cannot save {path!r}"
-        self._on_rank0(world, lambda: self._begin(storage, path, world), action=action, safe=safe)
+        self._on_rank0(world, lambda: self._begin(storage, path, world, plan.target_objects), action=action, safe=safe)
 
         def write() -> _Outcome:
             outcome = _Outcome()
@@ -281,6 +282,7 @@ class CheckpointManager:
         needs only the folder names.
         """
         scan = scan_checkpoints(self.storage) if self.config.save_total_limit is not None else None
+        target_objects: tuple[ObjectInfo, ...] | None = None
         if checkpoint_path is not None:
             path = checkpoint_path
         else:
@@ -291,11 +293,16 @@ class CheckpointManager:
             else:
                 ids = [parse_checkpoint_id(name) for name in self.storage.list(CHECKPOINTS_DIR)]
                 number = max((i for i in ids if i is not None), default=0) + 1
+                target_objects = ()  # numbered past every folder listed: a new, empty one
             path = self.storage.url_of(checkpoint_key(number))
-        return _SavePlan(path=path, entries=scan.entries if scan is not None else None)
+        if scan is not None and self._key_below_output(path) == checkpoint_key(location_name(path)):
+            known = {e.name: e.objects for e in scan.entries}
+            target_objects = known.get(location_name(path), ())
+        return _SavePlan(path=path, entries=scan.entries if scan is not None else None, target_objects=target_objects)
 
-    def _begin(self, storage: Storage, path: str, world: World) -> None:
-        status = checkpoint_status(storage)
+    def _begin(self, storage: Storage, path: str, world: World, objects: tuple[ObjectInfo, ...] | None) -> None:
+        inspection = inspect_checkpoint(storage, objects=objects)
+        status = inspection.status
         if status is CheckpointStatus.COMPLETE:
             raise CheckpointExistsError(
                 f"cannot save to {path!r}: a complete checkpoint is already there; it is left untouched"
@@ -303,7 +310,7 @@ class CheckpointManager:
         if status is CheckpointStatus.INCOMPLETE:
             logger.warning("removing incomplete leftovers of an interrupted save at %s", path)
             storage.delete_prefix("")
-        elif storage.walk():
+        elif inspection.keys:
             raise CheckpointExistsError(
                 f"cannot save to {path!r}: it holds files that are not a ckptio checkpoint; "
                 "they are left untouched; choose an empty location"
@@ -427,6 +434,8 @@ class CheckpointManager:
 
         def restore() -> None:
             storage = self._checkpoint_storage(path)
+            if manifest is not None:  # committed: every rank knows its files from rank 0's manifest
+                storage = KnownObjectsStorage(storage, [ObjectInfo(r.path, r.size, None) for r in manifest.files])
             model = self._unwrapped_model()
             if model is not None:
                 read_model_weights(storage, model, strict=True)

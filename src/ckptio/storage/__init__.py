@@ -12,12 +12,18 @@ from ckptio.storage.faults import FaultInjectingStorage, InjectedFault, Simulate
 from ckptio.storage.local import LocalStorage
 from ckptio.storage.registry import open_storage, resolve_storage, split_url
 from ckptio.storage.retry import RetryPolicy, TransientFault, is_transient
-from ckptio.storage.wrapper import CountingStorage, RetryingStorage, StorageWrapper
+from ckptio.storage.wrapper import (
+    CountingStorage,
+    KnownObjectsStorage,
+    RetryingStorage,
+    StorageWrapper,
+)
 
 __all__ = [
     "CountingStorage",
     "FaultInjectingStorage",
     "InjectedFault",
+    "KnownObjectsStorage",
     "LocalStorage",
     "ObjectInfo",
     "RetryPolicy",

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import builtins
 import collections
+import dataclasses
+import errno
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
-from ckptio.storage.base import ObjectInfo, Storage, StreamWriter
+from ckptio.errors import ObjectNotFoundError
+from ckptio.storage.base import ObjectInfo, Storage, StreamWriter, normalize_key
 from ckptio.storage.retry import RetryPolicy, call_with_retries
 
-__all__ = ["CountingStorage", "RetryingStorage", "StorageWrapper"]
+__all__ = ["CountingStorage", "KnownObjectsStorage", "RetryingStorage", "StorageWrapper"]
 
 T = TypeVar("T")
 
@@ -284,3 +287,51 @@ class CountingStorage(StorageWrapper):
     def local_path(self, key: str = "") -> str | None:
         # Reads through a local path would bypass the counters: report none.
         return None
+
+
+class KnownObjectsStorage(StorageWrapper):
+    """A directory whose objects are already known: listings, sizes and existence cost no request.
+
+    For an immutable directory (a committed checkpoint, whose manifest lists
+    every file and its size): every rank that loads it can answer "which files,
+    how big" from what one rank learnt, and send only reads to the store.
+    Writes and deletes go to ``inner`` unchanged, and are not reflected in
+    the known objects.
+    """
+
+    def __init__(self, inner: Storage, objects: Iterable[ObjectInfo]) -> None:
+        super().__init__(inner)
+        self.objects = {normalize_key(o.key): o for o in objects}
+
+    def rewrap(self, inner: Storage) -> StorageWrapper:
+        raise NotImplementedError("use child(), which keeps the known objects below the key")
+
+    def child(self, key: str) -> Storage:
+        prefix = normalize_key(key) + "/"
+        below = [dataclasses.replace(o, key=k[len(prefix) :]) for k, o in self.objects.items() if k.startswith(prefix)]
+        return KnownObjectsStorage(self.inner.child(key), below)
+
+    def info(self, key: str) -> ObjectInfo:
+        found = self.objects.get(normalize_key(key))
+        if found is None:
+            raise ObjectNotFoundError(errno.ENOENT, f"cannot stat {self.url_of(key)!r}: no such object")
+        return found
+
+    def exists(self, key: str) -> bool:
+        key = normalize_key(key)
+        return key in self.objects or any(k.startswith(key + "/") for k in self.objects) or not key
+
+    def is_file(self, key: str) -> bool:
+        return normalize_key(key) in self.objects
+
+    def list_objects(self, prefix: str = "") -> builtins.list[ObjectInfo]:
+        base = normalize_key(prefix)
+        start = base + "/" if base else ""
+        below = [dataclasses.replace(o, key=k[len(start) :]) for k, o in self.objects.items() if k.startswith(start)]
+        return sorted(below, key=lambda o: o.key)
+
+    def walk(self, prefix: str = "") -> builtins.list[str]:
+        return [o.key for o in self.list_objects(prefix)]
+
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        return sorted({o.key.split("/", 1)[0] for o in self.list_objects(prefix)})
