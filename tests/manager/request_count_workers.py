@@ -8,42 +8,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-import torch
-from torch import nn
+from manager_helpers import TinyTrainer
 
-from ckptio import (
-    CheckpointConfig,
-    CheckpointManager,
-    RNGState,
-    SharingPattern,
-    StateComponent,
-    TrainingProgress,
-)
+from ckptio import CheckpointConfig, CheckpointManager
 from ckptio.checkpoint.manifest import forget_manifests
 from ckptio.storage import CountingStorage, open_storage
-
-
-class Trainer:
-    """A small model in several shards, an optimizer, a scheduler, progress and per-rank RNG."""
-
-    def __init__(self) -> None:
-        torch.manual_seed(0)
-        self.model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(6)])
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.01)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=2)
-        self.progress = TrainingProgress()
-        self.rng = RNGState()
-
-    def get_state_components(self) -> list[StateComponent]:
-        return [
-            StateComponent("optimizer", self.optimizer, SharingPattern.REPLICATED),
-            StateComponent("scheduler", self.scheduler, SharingPattern.GLOBAL),
-            StateComponent("progress", self.progress, SharingPattern.GLOBAL),
-            StateComponent("rng", self.rng, SharingPattern.PER_RANK),
-        ]
-
-    def get_process_groups(self) -> dict[str, Any]:
-        return {}
 
 
 def run(url: str, options: dict[str, Any], *, saves: int, measure: tuple[int, ...], limit: int | None) -> dict[str, Any]:
@@ -52,10 +21,10 @@ def run(url: str, options: dict[str, Any], *, saves: int, measure: tuple[int, ..
     A resume is measured with this process's memory of manifests cleared, as a
     freshly started process would resume.
     """
-    trainer = Trainer()
+    trainer = TinyTrainer()
     counting = CountingStorage(open_storage(url, **options))
     config = CheckpointConfig(
-        output_dir=url, storage_options=options, save_total_limit=limit, max_shard_size=16 * 1024
+        output_dir=url, storage_options=options, save_total_limit=limit, max_shard_size=256  # several shards
     )
     manager = CheckpointManager(config, trainer, model=trainer.model, storage=counting)
     result: dict[str, Any] = {}
@@ -67,7 +36,7 @@ def run(url: str, options: dict[str, Any], *, saves: int, measure: tuple[int, ..
             result[f"save@{number}"] = dict(counting.requests)
             forget_manifests()
             counting.reset()
-            resumed = Trainer()
+            resumed = TinyTrainer()
             CheckpointManager(config, resumed, model=resumed.model, storage=counting).load_checkpoint(None)
             result[f"resume@{number}"] = dict(counting.requests)
             result[f"resumed_step@{number}"] = resumed.progress.step

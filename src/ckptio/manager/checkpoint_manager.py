@@ -184,6 +184,10 @@ class CheckpointManager:
         root = self.storage.url.rstrip("/") + "/"
         return path[len(root) :] if path.startswith(root) else None
 
+    def _is_run_checkpoint(self, path: str) -> bool:
+        """Whether ``path`` is a folder of this run's ``<output_dir>/checkpoints/`` (what discovery sees)."""
+        return self._key_below_output(path) == checkpoint_key(location_name(path))
+
     def _locate(self, checkpoint: str) -> str:
         """The full path of a checkpoint given as a path or URL, or as a bare name.
 
@@ -295,7 +299,7 @@ class CheckpointManager:
                 number = max((i for i in ids if i is not None), default=0) + 1
                 target_objects = ()  # numbered past every folder listed: a new, empty one
             path = self.storage.url_of(checkpoint_key(number))
-        if scan is not None and self._key_below_output(path) == checkpoint_key(location_name(path)):
+        if scan is not None and self._is_run_checkpoint(path):
             known = {e.name: e.objects for e in scan.entries}
             target_objects = known.get(location_name(path), ())
         return _SavePlan(path=path, entries=scan.entries if scan is not None else None, target_objects=target_objects)
@@ -345,8 +349,7 @@ class CheckpointManager:
     def _rotate(self, committed_path: str, manifest: CheckpointManifest, entries: list[CheckpointEntry] | None) -> None:
         """Rotate with the listing made before the save, plus the checkpoint just committed."""
         limit = self.config.save_total_limit
-        key = self._key_below_output(committed_path)
-        if limit is None or entries is None or key is None or key != checkpoint_key(location_name(committed_path)):
+        if limit is None or entries is None or not self._is_run_checkpoint(committed_path):
             return
         name = location_name(committed_path)
         committed = CheckpointEntry(
