@@ -176,20 +176,37 @@ def test_deadline_stops_retrying() -> None:
 
 
 def test_a_failed_abort_of_an_upload_is_logged_with_its_url(caplog: pytest.LogCaptureFixture) -> None:
-    from ckptio.storage.fsspec_backend import _UploadWriter
+    import asyncio
+    import threading
 
-    class _File:
-        closed = False
+    from ckptio.storage.multipart import ParallelUploadWriter, PartSink
 
-        def write(self, data: memoryview) -> int:
-            return len(data)
+    class _Sink(PartSink):
+        async def put_whole(self, data: bytes) -> None: ...
 
-        def discard(self) -> None:
-            raise ConnectionResetError("abort request lost")
+        async def start(self) -> None: ...
 
-    writer = _UploadWriter(_File(), "s3://bucket/run/model.safetensors")
-    writer.write(b"partial")
-    with caplog.at_level(logging.WARNING, logger="ckptio.storage.fsspec_backend"):
-        writer.abort()
+        async def put_part(self, number: int, data: bytes) -> int:
+            return number
+
+        async def complete(self, tokens: list[object]) -> None: ...
+
+        async def abort(self) -> None:
+            raise PermissionError("abort refused")
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        writer = ParallelUploadWriter(
+            _Sink(), "s3://bucket/run/model.safetensors", loop, part_size=4, max_in_flight=2, retry=RetryPolicy()
+        )
+        writer.write(b"partial upload")
+        with caplog.at_level(logging.WARNING, logger="ckptio.storage.multipart"):
+            writer.abort()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
     assert "s3://bucket/run/model.safetensors" in caplog.text
     assert "AbortIncompleteMultipartUpload" in caplog.text

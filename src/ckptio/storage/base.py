@@ -31,7 +31,15 @@ from types import TracebackType
 from ckptio.errors import InvalidArgumentError
 from ckptio.storage.transfer import map_concurrently
 
-__all__ = ["ObjectInfo", "Storage", "StreamWriter", "join", "normalize_key"]
+__all__ = ["TEMP_PREFIX", "ObjectInfo", "Storage", "StreamWriter", "is_temporary", "join", "normalize_key"]
+
+#: Name prefix of objects that exist only while a write is in flight (never listed).
+TEMP_PREFIX = ".ckptio-tmp-"
+
+
+def is_temporary(key: str) -> bool:
+    """Whether ``key`` names an in-flight temporary object (a temp file, an upload part)."""
+    return key.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)
 
 
 def join(*parts: str) -> str:

@@ -1,9 +1,10 @@
 """Storage on any fsspec filesystem: S3, GCS, memory, and every other protocol.
 
-Streaming writes use the backend's own resumable or multipart upload where it
-has one (S3, GCS): the object appears only when the upload completes, and an
-aborted or killed writer leaves nothing visible. Other filesystems spool the
-stream to a local temporary file and upload it in one step on commit.
+Streaming writes to S3 and GCS upload several parts at once
+(:mod:`ckptio.storage.multipart`, :mod:`ckptio.storage.object_uploads`): the
+object appears only when the upload completes, and an aborted or killed
+writer leaves nothing visible. Other filesystems spool the stream to a local
+temporary file and upload it in one step on commit.
 
 Listings bypass fsspec's directory cache (``use_listings_cache=False``, plus
 an explicit invalidation before each listing), so a file written or deleted by
@@ -23,18 +24,26 @@ from typing import IO, Any, TypeVar
 import fsspec
 
 from ckptio.errors import ObjectExistsError, ObjectNotFoundError
-from ckptio.storage.base import ObjectInfo, Storage, StreamWriter, normalize_key
-from ckptio.storage.retry import translate_error
+from ckptio.storage.base import (
+    ObjectInfo,
+    Storage,
+    StreamWriter,
+    is_temporary,
+    normalize_key,
+)
+from ckptio.storage.multipart import ParallelUploadWriter, PartSink
+from ckptio.storage.object_uploads import part_sink_for
+from ckptio.storage.retry import RetryPolicy, translate_error
 
 __all__ = ["FsspecStorage"]
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
-#: Protocols whose ``open(path, "wb")`` publishes only on a completed upload.
-_UPLOADING_PROTOCOLS = {"s3", "s3a", "gs", "gcs"}
 #: Default part size of streaming uploads (a multiple of 256 KiB for GCS, >= 5 MiB for S3).
-DEFAULT_BLOCK_SIZE = 16 * 2**20
+DEFAULT_BLOCK_SIZE = 8 * 2**20
+#: Parts of one object uploading at once (all writers share one memory budget besides).
+PARTS_IN_FLIGHT = 8
 #: Protocols served from this machine, where a request is not a network round trip.
 _IN_PROCESS_PROTOCOLS = {"memory", "file", "local"}
 _memory_create_lock = threading.Lock()
@@ -68,49 +77,6 @@ def _object_info(key: str, details: dict[str, Any]) -> ObjectInfo:
     mtime = next((t for t in (_as_epoch(details.get(f)) for f in _MTIME_FIELDS) if t is not None), None)
     version = next((str(details[f]) for f in _VERSION_FIELDS if details.get(f) not in (None, "")), None)
     return ObjectInfo(key=key, size=int(details.get("size") or 0), mtime=mtime, version=version)
-
-
-class _UploadWriter(StreamWriter):
-    """Streams through the backend's multipart/resumable upload; discards it on abort."""
-
-    def __init__(self, file: Any, url: str) -> None:
-        super().__init__(url)
-        self._file = file
-
-    def _write(self, data: memoryview) -> int:
-        try:
-            return int(self._file.write(data))
-        except Exception as exc:
-            self.abort()
-            raise translate_error(exc, self.url, "write") from exc
-
-    def _commit(self) -> None:
-        try:
-            self._file.close()
-        except Exception as exc:
-            self._discard()
-            raise translate_error(exc, self.url, "publish") from exc
-
-    def _abort(self) -> None:
-        self._discard()
-
-    def _release(self) -> None:
-        self._file.closed = True  # never let fsspec's finaliser complete the upload
-
-    def _discard(self) -> None:
-        try:
-            self._file.discard()
-        except Exception as exc:  # noqa: BLE001 - the upload is invisible either way; say what may be billed
-            logger.warning(
-                "could not abort the upload of %s (%s: %s); nothing was published, but an unfinished "
-                "multipart upload may remain (and be billed) until a bucket lifecycle rule removes it "
-                "(S3: AbortIncompleteMultipartUpload)",
-                self.url,
-                type(exc).__name__,
-                exc,
-            )
-        # Mark closed so that garbage collection does not "close" (publish) the upload.
-        self._file.closed = True
 
 
 class _SpooledWriter(StreamWriter):
@@ -149,12 +115,15 @@ class FsspecStorage(Storage):
         *,
         protocol: str,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.fs = fs
         self.protocol = protocol
         # Keep the filesystem's own form of the root ("bucket/run"; "/run" for memory).
         self._root = root.rstrip("/")
         self.block_size = block_size
+        #: Retries of one upload part (a whole-object retry would resend every part).
+        self.part_retry = retry or RetryPolicy()
 
     @property
     def url(self) -> str:
@@ -175,7 +144,9 @@ class FsspecStorage(Storage):
             raise translate_error(exc, self.url_of(key), action) from exc
 
     def child(self, key: str) -> FsspecStorage:
-        return FsspecStorage(self.fs, self._path(key), protocol=self.protocol, block_size=self.block_size)
+        return FsspecStorage(
+            self.fs, self._path(key), protocol=self.protocol, block_size=self.block_size, retry=self.part_retry
+        )
 
     # -- writing -----------------------------------------------------------
     def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
@@ -183,11 +154,21 @@ class FsspecStorage(Storage):
         self._call(key, "write", lambda: self.fs.pipe_file(self._path(key), payload))
 
     def open_writer(self, key: str) -> StreamWriter:
-        if self.protocol not in _UPLOADING_PROTOCOLS:
+        sink = self.part_sink(key)
+        if sink is None:
             return _SpooledWriter(self, key)
-        path = self._path(key)
-        file = self._call(key, "open writer for", lambda: self.fs.open(path, "wb", block_size=self.block_size))
-        return _UploadWriter(file, self.url_of(key))
+        return ParallelUploadWriter(
+            sink,
+            self.url_of(key),
+            self.fs.loop,
+            part_size=self.block_size,
+            max_in_flight=self.concurrency(PARTS_IN_FLIGHT),
+            retry=self.part_retry,
+        )
+
+    def part_sink(self, key: str) -> PartSink | None:
+        """How this backend uploads ``key`` in concurrent parts; None when it cannot."""
+        return part_sink_for(self.protocol, self.fs, self._path(key))
 
     def create_exclusive(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -270,7 +251,7 @@ class FsspecStorage(Storage):
             names = {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries}
             names.discard("")
             # Some stores list a directory marker for the prefix itself.
-            return sorted(n for n in names if f"{path}/{n}".strip("/") != path)
+            return sorted(n for n in names if f"{path}/{n}".strip("/") != path and not is_temporary(n))
 
         return self._call(prefix, "list", ls)
 
@@ -278,6 +259,10 @@ class FsspecStorage(Storage):
         return [info.key for info in self.list_objects(prefix)]
 
     def list_objects(self, prefix: str = "") -> builtins.list[ObjectInfo]:
+        return [info for info in self._find(prefix) if not is_temporary(info.key)]
+
+    def _find(self, prefix: str) -> builtins.list[ObjectInfo]:
+        """Every object below ``prefix``, in-flight temporaries included."""
         path = self._path(prefix)
         self.fs.invalidate_cache(path)
 
@@ -331,6 +316,6 @@ class FsspecStorage(Storage):
         self._call(keys[0] if len(keys) == 1 else "", "delete", rm)
 
     def delete_prefix(self, prefix: str) -> None:
-        keys = self.walk(prefix)
+        keys = [info.key for info in self._find(prefix)]  # a killed writer's upload parts go too
         if keys:
             self.delete_many([f"{prefix}/{k}" if prefix else k for k in keys])

@@ -19,16 +19,19 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from ckptio.errors import ObjectExistsError, ObjectNotFoundError
-from ckptio.storage.base import ObjectInfo, Storage, StreamWriter, join, normalize_key
+from ckptio.storage.base import (
+    TEMP_PREFIX,
+    ObjectInfo,
+    Storage,
+    StreamWriter,
+    join,
+    normalize_key,
+)
 from ckptio.storage.retry import translate_error
 
 __all__ = ["LocalStorage", "TEMP_PREFIX"]
 
 T = TypeVar("T")
-
-#: Name prefix of in-flight temporary files; never listed.
-TEMP_PREFIX = ".ckptio-tmp-"
-
 
 def _fsync_dir(path: str) -> None:
     """Make a rename or unlink in ``path`` durable (no-op where directories cannot be opened)."""

@@ -16,6 +16,8 @@ __all__ = ["open_storage", "resolve_storage", "split_url"]
 #: Which ``pip install 'ckptio[extra]'`` brings the package a protocol needs.
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 _LISTING_CACHE_OFF = {"use_listings_cache": False}
+#: Connections an S3 client keeps open (parts of several files upload at once).
+_S3_CONNECTIONS = 64
 
 
 def split_url(url_or_path: str) -> tuple[str, str]:
@@ -69,10 +71,22 @@ def open_storage(
 
     from ckptio.storage.fsspec_backend import DEFAULT_BLOCK_SIZE, FsspecStorage
 
-    fs = cls(**{**_LISTING_CACHE_OFF, **storage_options})
+    fs = cls(**_filesystem_options(protocol, storage_options))
     root = cls._strip_protocol(url)
-    backend = FsspecStorage(fs, root, protocol=protocol, block_size=block_size or DEFAULT_BLOCK_SIZE)
-    return RetryingStorage(backend, retry or RetryPolicy())
+    policy = retry or RetryPolicy()
+    backend = FsspecStorage(fs, root, protocol=protocol, block_size=block_size or DEFAULT_BLOCK_SIZE, retry=policy)
+    return RetryingStorage(backend, policy)
+
+
+def _filesystem_options(protocol: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """The user's options, plus ckptio's defaults where the user set none."""
+    options = {**_LISTING_CACHE_OFF, **storage_options}
+    if protocol in ("s3", "s3a"):
+        # botocore keeps 10 connections by default: fewer than the parts and files in flight.
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("max_pool_connections", _S3_CONNECTIONS)
+        options["config_kwargs"] = config
+    return options
 
 
 def resolve_storage(target: str | os.PathLike[str] | Storage, storage_options: dict[str, Any] | None) -> Storage:
