@@ -9,11 +9,12 @@ a function over items with at most that many at once.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
-__all__ = ["map_concurrently", "map_unordered"]
+__all__ = ["map_concurrently", "map_unordered", "run_alongside"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -59,3 +60,26 @@ def map_unordered(
         finally:
             for future in pending:
                 future.cancel()
+
+
+_side_pool: ThreadPoolExecutor | None = None
+_side_pool_lock = threading.Lock()
+
+
+def run_alongside(side: Callable[[], object], main: Callable[[], R]) -> R:
+    """Run ``side`` on a helper thread while ``main`` runs here; return ``main``'s result.
+
+    For work that releases the GIL (checksums) next to I/O on the same bytes.
+    Both have finished when this returns; an exception of either is raised.
+    """
+    global _side_pool
+    with _side_pool_lock:
+        if _side_pool is None:
+            _side_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckptio-side")
+    future = _side_pool.submit(side)
+    try:
+        result = main()
+    finally:
+        wait([future])
+    future.result()
+    return result
