@@ -55,7 +55,7 @@ def test_peak_memory_while_saving_grows_far_less_than_the_shard(backend_url: obj
     print(f"{name}: peak RSS grew by {growth / 2**20:.1f} MiB saving {STATE_BYTES / 2**20:.0f} MiB")
     # One shard of 512 MiB: a save that built the shard in memory grows by >= 512 MiB (building it
     # with safetensors.torch.save grows by about 1 GiB). Streaming holds one write slice on local disk
-    # (~20 MiB measured); uploads hold the part buffers of the upload budget (128 MiB, plus the copy
-    # the socket keeps of each part in flight: ~145 MiB measured on S3), never the shard.
+    # (~20 MiB measured); uploads hold at most the part buffers of the upload budget (192 MiB for
+    # every writer together; one shard's 8 parts in flight measured ~105 MiB on S3), never the shard.
     limit = 256 * 2**20
     assert growth < limit, f"peak RSS grew by {growth / 2**20:.0f} MiB saving {STATE_BYTES / 2**20:.0f} MiB"

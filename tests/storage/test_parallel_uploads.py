@@ -44,14 +44,14 @@ class RecordingSink(PartSink):
         self.events: list[str] = []
         self.published: bytes | None = None
 
-    async def put_whole(self, data: bytes) -> None:
+    async def put_whole(self, data: memoryview) -> None:
         self.events.append("whole")
         self.published = bytes(data)
 
     async def start(self) -> None:
         self.events.append("start")
 
-    async def put_part(self, number: int, data: bytes) -> Any:
+    async def put_part(self, number: int, data: memoryview) -> Any:
         self.attempts[number] += 1
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
@@ -138,7 +138,7 @@ def test_a_part_that_keeps_failing_aborts_and_publishes_nothing(loop: asyncio.Ab
 
 def test_a_permanent_part_error_is_not_retried(loop: asyncio.AbstractEventLoop) -> None:
     class Refusing(RecordingSink):
-        async def put_part(self, number: int, data: bytes) -> Any:
+        async def put_part(self, number: int, data: memoryview) -> Any:
             self.attempts[number] += 1
             raise PermissionError("AccessDenied")
 
@@ -193,13 +193,13 @@ class _FlakyParts(PartSink):
         self.inner, self.fail_part, self.left = inner, fail_part, times
         self.attempts: Counter[int] = Counter()
 
-    async def put_whole(self, data: bytes) -> None:
+    async def put_whole(self, data: memoryview) -> None:
         await self.inner.put_whole(data)
 
     async def start(self) -> None:
         await self.inner.start()
 
-    async def put_part(self, number: int, data: bytes) -> Any:
+    async def put_part(self, number: int, data: memoryview) -> Any:
         self.attempts[number] += 1
         if number == self.fail_part and self.left:
             self.left -= 1 if self.left > 0 else 0

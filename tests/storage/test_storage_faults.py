@@ -182,11 +182,11 @@ def test_a_failed_abort_of_an_upload_is_logged_with_its_url(caplog: pytest.LogCa
     from ckptio.storage.multipart import ParallelUploadWriter, PartSink
 
     class _Sink(PartSink):
-        async def put_whole(self, data: bytes) -> None: ...
+        async def put_whole(self, data: memoryview) -> None: ...
 
         async def start(self) -> None: ...
 
-        async def put_part(self, number: int, data: bytes) -> int:
+        async def put_part(self, number: int, data: memoryview) -> int:
             return number
 
         async def complete(self, tokens: list[object]) -> None: ...

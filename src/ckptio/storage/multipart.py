@@ -16,9 +16,10 @@ GCS parallel composite upload.
 Guarantees:
 
 * Memory: every part buffer of every writer in the process is drawn from one
-  :class:`UploadBudget` (128 MiB by default; with the copy a socket keeps of
-  a part in flight, at most about 256 MiB), so extra memory stays bounded
+  :class:`UploadBudget` (192 MiB by default), so extra memory stays bounded
   whatever the checkpoint size or the number of objects written at once.
+  Parts are sent as file bodies (:class:`PartBody`), which HTTP clients
+  stream instead of copying, so a buffer is the whole cost of a part.
 * A part that fails transiently is retried on its own (the buffer is kept
   until it is stored). A writer that cannot complete aborts the upload and
   publishes nothing: never a short object.
@@ -31,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import io
 import logging
+import mmap
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -46,6 +49,7 @@ __all__ = [
     "DEFAULT_UPLOAD_BUDGET",
     "MAX_PARTS",
     "ParallelUploadWriter",
+    "PartBody",
     "PartSink",
     "UploadBudget",
     "part_size_for",
@@ -96,21 +100,66 @@ class UploadBudget:
             self._cond.notify_all()
 
 
-#: The budget every upload draws from unless given another: 128 MiB of part buffers. A part in
-#: flight can cost twice its size (the socket transport copies what the server has not taken yet),
-#: so uploads hold at most 256 MiB.
-DEFAULT_UPLOAD_BUDGET = UploadBudget(128 * 2**20)
+#: The budget every upload draws from unless given another: 192 MiB of part buffers (24 parts
+#: of 8 MiB in flight), which leaves room for the HTTP stack within 256 MiB of extra memory.
+DEFAULT_UPLOAD_BUDGET = UploadBudget(192 * 2**20)
+
+
+class PartBody(io.RawIOBase):
+    """A part's bytes as a read-only, seekable file, so an HTTP client streams them.
+
+    Handed a ``bytes``-like body, botocore and aiohttp copy it (twice for a
+    ``bytearray``), and the socket transport keeps a third copy of whatever
+    the server has not yet taken; a file body is read in small chunks.
+    """
+
+    def __init__(self, data: memoryview) -> None:
+        super().__init__()
+        self._data = data
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._data.nbytes}[whence]
+        self._pos = min(max(0, base + offset), self._data.nbytes)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(view.nbytes, self._data.nbytes - self._pos)
+        view[:n] = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = self._data.nbytes if size is None or size < 0 else min(self._data.nbytes, self._pos + size)
+        chunk = bytes(self._data[self._pos : end])
+        self._pos = end
+        return chunk
+
+    def __len__(self) -> int:
+        return self._data.nbytes
 
 
 class PartSink(ABC):
     """The backend side of one object uploaded in parts; every method is a coroutine.
 
     Parts are numbered from 1 and may arrive in any order; ``complete``
-    receives the tokens ``put_part`` returned, in part order.
+    receives the tokens ``put_part`` returned, in part order. The ``data``
+    views are valid only until the call returns: send them as a
+    :class:`PartBody` (a fresh one per attempt), never keep them.
     """
 
     @abstractmethod
-    async def put_whole(self, data: bytes) -> None:
+    async def put_whole(self, data: memoryview) -> None:
         """Publish the object in one request (it fitted in a single part)."""
 
     @abstractmethod
@@ -118,7 +167,7 @@ class PartSink(ABC):
         """Begin a multipart upload; nothing is visible yet."""
 
     @abstractmethod
-    async def put_part(self, number: int, data: bytes) -> Any:
+    async def put_part(self, number: int, data: memoryview) -> Any:
         """Store part ``number``; return what ``complete`` needs to reference it."""
 
     @abstractmethod
@@ -171,11 +220,11 @@ class ParallelUploadWriter(StreamWriter):
         self._max_in_flight = max(1, max_in_flight)
         self._retry = retry
         self._budget = budget
-        self._buffer: bytearray | None = None
+        self._buffer: mmap.mmap | None = None
         self._filled = 0
         self._number = 0  # parts handed to the sink so far
         self._started = False
-        self._buffer_size = 0
+        self._charge = 0
         self._in_flight: deque[concurrent.futures.Future[Any]] = deque()
         self._futures: dict[int, concurrent.futures.Future[Any]] = {}
 
@@ -185,15 +234,18 @@ class ParallelUploadWriter(StreamWriter):
         return asyncio.run_coroutine_threadsafe(_with_retries(fn, self._retry, what), self._loop).result()
 
     # -- buffers -------------------------------------------------------------
-    def _new_buffer(self) -> bytearray:
-        self._buffer_size = part_size_for(self._number + 1, self._base_part_size)
-        self._budget.acquire(self._buffer_size)
+    def _new_buffer(self) -> mmap.mmap:
+        """A part buffer of anonymous memory: unmapped as soon as the part is stored and
+        dropped (the C heap would keep a freed buffer of this size mapped, and grow)."""
+        size = part_size_for(self._number + 1, self._base_part_size)
+        self._charge = size
+        self._budget.acquire(size)
         self._filled = 0
-        return bytearray(self._buffer_size)
+        return mmap.mmap(-1, size)
 
     def _drop_buffer(self) -> None:
         if self._buffer is not None:
-            self._budget.release(self._buffer_size)
+            self._budget.release(self._charge)
             self._buffer = None
             self._filled = 0
 
@@ -217,12 +269,11 @@ class ParallelUploadWriter(StreamWriter):
 
     def _send_buffer(self) -> None:
         """Hand the buffer being filled to the sink as the next part; it is released once stored."""
-        buffer, size = self._buffer, self._buffer_size
+        buffer, charge = self._buffer, self._charge
         if buffer is None:  # pragma: no cover - callers check
             return
         self._buffer = None
-        payload = bytes(memoryview(buffer)[: self._filled])  # HTTP clients copy a bytearray body twice more
-        del buffer
+        payload = memoryview(buffer)[: self._filled]  # the buffer lives until the part is stored
         self._filled = 0
         if not self._started:
             self._run(self._sink.start, f"start of the upload of {self.url}")
@@ -235,16 +286,16 @@ class ParallelUploadWriter(StreamWriter):
             _with_retries(lambda: self._sink.put_part(number, payload), self._retry, f"part {number} of {self.url}"),
             self._loop,
         )
-        future.add_done_callback(lambda _: self._budget.release(size))
+        future.add_done_callback(lambda _: self._budget.release(charge))
         self._in_flight.append(future)
         self._futures[number] = future
 
     def _commit(self) -> None:
         try:
             if not self._started:  # it fitted in one part: one plain request
-                data = bytes(memoryview(self._buffer)[: self._filled]) if self._buffer is not None else b""
-                self._drop_buffer()
+                data = memoryview(self._buffer if self._buffer is not None else b"")[: self._filled]
                 self._run(lambda: self._sink.put_whole(data), f"upload of {self.url}")
+                self._drop_buffer()
                 return
             if self._buffer is not None and self._filled:
                 self._send_buffer()

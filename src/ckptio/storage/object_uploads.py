@@ -24,9 +24,10 @@ import asyncio
 import logging
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 from ckptio.storage.base import TEMP_PREFIX
-from ckptio.storage.multipart import PartSink
+from ckptio.storage.multipart import PartBody, PartSink
 
 __all__ = ["GCSComposeSink", "S3MultipartSink", "part_sink_for"]
 
@@ -44,16 +45,16 @@ class S3MultipartSink(PartSink):
         self._bucket, self._key, _ = fs.split_path(path)
         self._upload_id: str | None = None
 
-    async def put_whole(self, data: bytes) -> None:
-        await self._fs._call_s3("put_object", Bucket=self._bucket, Key=self._key, Body=data)
+    async def put_whole(self, data: memoryview) -> None:
+        await self._fs._call_s3("put_object", Bucket=self._bucket, Key=self._key, Body=PartBody(data))
 
     async def start(self) -> None:
         created = await self._fs._call_s3("create_multipart_upload", Bucket=self._bucket, Key=self._key)
         self._upload_id = created["UploadId"]
 
-    async def put_part(self, number: int, data: bytes) -> Any:
+    async def put_part(self, number: int, data: memoryview) -> Any:
         stored = await self._fs._call_s3(
-            "upload_part", Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, PartNumber=number, Body=data
+            "upload_part", Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, PartNumber=number, Body=PartBody(data)
         )
         return {"PartNumber": number, "ETag": stored["ETag"]}
 
@@ -83,16 +84,16 @@ class GCSComposeSink(PartSink):
         self._temp_stem = f"{folder}/{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
         self._temporaries: set[str] = set()
 
-    async def put_whole(self, data: bytes) -> None:
-        await self._fs._pipe_file(self._path, data)
+    async def put_whole(self, data: memoryview) -> None:
+        await self._upload(self._path, data)
 
     async def start(self) -> None:
         return None
 
-    async def put_part(self, number: int, data: bytes) -> Any:
+    async def put_part(self, number: int, data: memoryview) -> Any:
         part = f"{self._temp_stem}.part-{number:05d}"
         self._temporaries.add(part)
-        await self._fs._pipe_file(part, data)
+        await self._upload(part, data)
         return part
 
     async def complete(self, tokens: list[Any]) -> None:
@@ -119,6 +120,21 @@ class GCSComposeSink(PartSink):
 
     async def abort(self) -> None:
         await self._delete_temporaries()
+
+    async def _upload(self, path: str, data: memoryview) -> None:
+        """One media upload (the body is the bytes alone, streamed; gcsfs's own simple
+        upload concatenates a multipart body, a copy of every part)."""
+        bucket, key, _ = self._fs.split_path(path)
+        await self._fs._call(
+            "POST",
+            f"{self._fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
+            uploadType="media",
+            name=key,
+            data=PartBody(data),
+            headers={"Content-Type": "application/octet-stream"},
+            json_out=True,
+        )
+        self._fs.invalidate_cache(path)
 
     async def _delete_temporaries(self) -> None:
         if self._temporaries:
