@@ -264,3 +264,17 @@ def test_remote_part_failing_for_good_publishes_nothing(remote: Storage, monkeyp
     assert remote.read_bytes("obj.bin") == b"previous"
     assert remote.walk("") == ["obj.bin"]
     assert _leftovers(remote) == ([] if remote.protocol.startswith("s3") else ["obj.bin"])
+
+
+def test_an_abandoned_writer_leaves_nothing_listed_and_deleting_the_folder_clears_it(remote: Storage) -> None:
+    writer = remote.open_writer("ckpt/model.safetensors")
+    writer.write(os.urandom(3 * PART))  # three parts sent, then the writer is dropped: a crash
+    for future in list(writer._futures.values()):  # type: ignore[attr-defined]
+        future.result(60)
+    del writer
+    assert remote.walk("") == [] and remote.list("ckpt") == []
+    if not remote.protocol.startswith("s3"):  # GCS parts are hidden objects; S3 parts are invisible
+        assert len(_leftovers(remote)) == 3
+    remote.delete_prefix("ckpt")
+    if not remote.protocol.startswith("s3"):
+        assert _leftovers(remote) == []

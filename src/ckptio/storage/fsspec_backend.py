@@ -32,7 +32,7 @@ from ckptio.storage.base import (
     normalize_key,
 )
 from ckptio.storage.multipart import ParallelUploadWriter, PartSink
-from ckptio.storage.object_uploads import part_sink_for
+from ckptio.storage.object_uploads import default_part_size, part_sink_for
 from ckptio.storage.retry import RetryPolicy, translate_error
 
 __all__ = ["FsspecStorage"]
@@ -40,8 +40,6 @@ __all__ = ["FsspecStorage"]
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
-#: Default part size of streaming uploads (a multiple of 256 KiB for GCS, >= 5 MiB for S3).
-DEFAULT_BLOCK_SIZE = 8 * 2**20
 #: Parts of one object uploading at once (all writers share one memory budget besides).
 PARTS_IN_FLIGHT = 8
 #: Protocols served from this machine, where a request is not a network round trip.
@@ -114,14 +112,14 @@ class FsspecStorage(Storage):
         root: str,
         *,
         protocol: str,
-        block_size: int = DEFAULT_BLOCK_SIZE,
+        block_size: int | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
         self.fs = fs
         self.protocol = protocol
         # Keep the filesystem's own form of the root ("bucket/run"; "/run" for memory).
         self._root = root.rstrip("/")
-        self.block_size = block_size
+        self.block_size = block_size or default_part_size(protocol)
         #: Retries of one upload part (a whole-object retry would resend every part).
         self.part_retry = retry or RetryPolicy()
 

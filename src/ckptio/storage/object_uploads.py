@@ -10,10 +10,12 @@
   each part is uploaded as a temporary object beside the target, the parts
   are composed (32 sources per ``compose`` request, in a tree for more) into
   the target in one atomic step, and the temporaries are deleted. Their
-  names start with :data:`~ckptio.storage.base.TEMP_PREFIX`, which listings
-  skip and a lifecycle rule (``matchesPrefix`` on the folder, or age) can
-  collect if a writer is killed. Composite objects carry a CRC32C but no MD5;
-  ckptio's manifest holds its own CRC32C of every file.
+  names start with :data:`~ckptio.storage.base.TEMP_PREFIX` (listings skip
+  them) and end with :data:`PART_SUFFIX`, which a lifecycle rule
+  (``matchesSuffix``) can collect if a writer is killed. Composite objects
+  carry a CRC32C but no MD5; ckptio's manifest holds its own CRC32C of every
+  file. Parts are 16 MiB by default on GCS (8 MiB on S3): a compose request
+  takes 32 sources, so objects up to 512 MiB compose in one request.
 
 Both sinks send an object that fits in one part as one plain upload.
 """
@@ -29,7 +31,13 @@ from urllib.parse import quote
 from ckptio.storage.base import TEMP_PREFIX
 from ckptio.storage.multipart import PartBody, PartSink
 
-__all__ = ["GCSComposeSink", "S3MultipartSink", "part_sink_for"]
+__all__ = ["PART_SUFFIX", "GCSComposeSink", "S3MultipartSink", "default_part_size", "part_sink_for"]
+
+#: Name ending of GCS temporary part objects (for a ``matchesSuffix`` lifecycle rule).
+PART_SUFFIX = ".ckptio-part"
+#: Part size of streaming uploads by protocol (S3 accepts >= 5 MiB; GCS wants multiples of 256 KiB).
+_PART_SIZES = {"gs": 16 * 2**20, "gcs": 16 * 2**20}
+_DEFAULT_PART_SIZE = 8 * 2**20
 
 #: Most source objects one GCS compose request accepts.
 _COMPOSE_FANIN = 32
@@ -91,7 +99,7 @@ class GCSComposeSink(PartSink):
         return None
 
     async def put_part(self, number: int, data: memoryview) -> Any:
-        part = f"{self._temp_stem}.part-{number:05d}"
+        part = f"{self._temp_stem}-{number:05d}{PART_SUFFIX}"
         self._temporaries.add(part)
         await self._upload(part, data)
         return part
@@ -101,7 +109,7 @@ class GCSComposeSink(PartSink):
         level = 0
         while len(sources) > _COMPOSE_FANIN:
             groups = [sources[i : i + _COMPOSE_FANIN] for i in range(0, len(sources), _COMPOSE_FANIN)]
-            targets = [f"{self._temp_stem}.compose-{level}-{i:04d}" for i in range(len(groups))]
+            targets = [f"{self._temp_stem}-c{level}-{i:04d}{PART_SUFFIX}" for i in range(len(groups))]
             self._temporaries.update(targets)
             await asyncio.gather(*(self._fs._merge(t, g) for t, g in zip(targets, groups, strict=True)))
             sources, level = targets, level + 1
@@ -143,6 +151,11 @@ class GCSComposeSink(PartSink):
             except FileNotFoundError:
                 pass
             self._temporaries.clear()
+
+
+def default_part_size(protocol: str) -> int:
+    """The part size streaming uploads to ``protocol`` use unless told otherwise."""
+    return _PART_SIZES.get(protocol, _DEFAULT_PART_SIZE)
 
 
 def part_sink_for(protocol: str, fs: Any, path: str) -> PartSink | None:

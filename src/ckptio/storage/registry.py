@@ -69,12 +69,12 @@ def open_storage(
     except ValueError as exc:
         raise InvalidArgumentError(f"cannot open {url!r}: unknown protocol {protocol!r}") from exc
 
-    from ckptio.storage.fsspec_backend import DEFAULT_BLOCK_SIZE, FsspecStorage
+    from ckptio.storage.fsspec_backend import FsspecStorage
 
     fs = cls(**_filesystem_options(protocol, storage_options))
     root = cls._strip_protocol(url)
     policy = retry or RetryPolicy()
-    backend = FsspecStorage(fs, root, protocol=protocol, block_size=block_size or DEFAULT_BLOCK_SIZE, retry=policy)
+    backend = FsspecStorage(fs, root, protocol=protocol, block_size=block_size, retry=policy)
     return RetryingStorage(backend, policy)
 
 
