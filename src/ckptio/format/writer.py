@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -166,6 +166,7 @@ def write_shards(
     *,
     safetensors: bool | None = None,
     debug: bool = False,
+    files: Collection[str] | None = None,
 ) -> list[FileRecord]:
     """Write the shards of ``shard_index`` that hold ``state_dict``'s tensors; not the index.
 
@@ -175,13 +176,26 @@ def write_shards(
     Args:
         safetensors: the format the caller expects; must match the shard file
             names (None: take it from them).
+        files: write only these shard files (each one the index names for
+            ``state_dict``'s tensors), e.g. this rank's share when the ranks of
+            a data-parallel job split the shards of one replicated model
+            between them; None writes every shard that holds its tensors.
 
     Raises:
         InvalidArgumentError: ``state_dict`` holds tensors the index does not
-            place, lacks tensors of a shard it would write, or the format
-            disagrees with the shard names.
+            place, lacks tensors of a shard it would write, the format
+            disagrees with the shard names, or ``files`` names a shard that
+            holds none of ``state_dict``'s tensors.
     """
     contents = _shard_contents(shard_index, state_dict, storage.url)
+    if files is not None:
+        unknown = sorted(set(files) - set(contents))
+        if unknown:
+            raise InvalidArgumentError(
+                f"cannot write {[storage.url_of(f) for f in unknown[:5]]}: the shard index places none of "
+                f"the state dict's tensors there; it names {sorted(contents)[:10]}; nothing was written"
+            )
+        contents = {f: contents[f] for f in sorted(set(files))}
     # Refuse bad input before the first byte goes out, so no existing shard is replaced.
     for file_name, tensors in contents.items():
         validate_shard_file_name(file_name, storage.url)

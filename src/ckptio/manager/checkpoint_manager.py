@@ -5,9 +5,13 @@ every rank:
 
 1. global rank 0 writes the in-progress marker into
    ``<output_dir>/checkpoints/checkpoint-<id>/``; every rank waits for it;
-2. rank 0 writes the model weights (Hugging Face shards, index last) and
-   every rank writes the components its sharing pattern assigns to it;
+2. the model weights are written as Hugging Face shards: by rank 0 alone
+   (index last) in a world of one; split between the ranks, each writing a
+   distinct share of the shards from its replica, in a world of several (see
+   :mod:`ckptio.manager.weights`); every rank writes the components its
+   sharing pattern assigns to it;
 3. the ranks exchange the records (size, CRC32C) of what they wrote; rank 0
+   publishes the shard index (when the ranks split the shards) and then
    writes ``checkpoint_manifest.json`` last: that object is the commit;
 4. only then are older checkpoints rotated out.
 
@@ -62,6 +66,7 @@ from ckptio.errors import (
     StorageError,
 )
 from ckptio.format import read_model_weights, write_model_weights
+from ckptio.manager.broadcast import load_weights_per_node
 from ckptio.manager.components import (
     ComponentFile,
     load_components,
@@ -71,6 +76,12 @@ from ckptio.manager.components import (
 from ckptio.manager.config import CheckpointConfig
 from ckptio.manager.failures import RankFailure, error_for
 from ckptio.manager.model_dir import save_model_directory
+from ckptio.manager.weights import (
+    WeightsPlan,
+    plan_for_world,
+    publish_weights_index,
+    write_weights_share,
+)
 from ckptio.state import StateComponent, StatefulProvider, World, process_groups_of
 from ckptio.storage import KnownObjectsStorage, ObjectInfo, Storage, open_storage
 from ckptio.storage.integrity import FileRecord, checksum_bytes
@@ -102,6 +113,8 @@ class _SavePlan:
     entries: list[CheckpointEntry] | None
     #: The target folder's objects when that listing covered it (() for a new folder), else None.
     target_objects: tuple[ObjectInfo, ...] | None = None
+    #: How the ranks split the weight shards (None: rank 0 writes them all, as in a world of one).
+    weights: WeightsPlan | None = None
 
 
 class CheckpointManager:
@@ -235,7 +248,10 @@ class CheckpointManager:
         world = self._world()
         safe = "earlier checkpoints are intact"
         plan = self._on_rank0(
-            world, lambda: self._plan_save(checkpoint_path, checkpoint_id), action="cannot save a checkpoint", safe=safe
+            world,
+            lambda: self._plan_save(checkpoint_path, checkpoint_id, world),
+            action="cannot save a checkpoint",
+            safe=safe,
         )
         path = plan.path
         storage = self._checkpoint_storage(path)
@@ -244,9 +260,14 @@ class CheckpointManager:
 
         def write() -> _Outcome:
             outcome = _Outcome()
-            if world.rank == 0:
-                outcome.weights = self._write_weights(storage)
+            # Components first: their replication checks are collectives, and must not wait on a
+            # rank whose weight upload already failed (it would never arrive).
             outcome.components = save_components(storage, self._components(), world)
+            model = self._unwrapped_model()
+            if plan.weights is not None and model is not None:
+                outcome.weights = write_weights_share(storage, plan.weights, model, world.rank)
+            elif world.rank == 0:
+                outcome.weights = self._write_weights(storage)
             return outcome
 
         outcomes = self._on_every_rank(world, write, action=action, safe=safe)
@@ -254,6 +275,8 @@ class CheckpointManager:
         def commit() -> int:
             written = [c for o in outcomes for c in o.components]
             files = [r for o in outcomes for r in o.weights] + [c.record for c in written]
+            if plan.weights is not None:  # every rank's shards are written: the index may name them now
+                files.append(publish_weights_index(storage, plan.weights, files))
             if metrics:
                 files.append(self._write_metrics(storage, metrics))
             manifest = CheckpointManifest(
@@ -278,8 +301,9 @@ class CheckpointManager:
         logger.info("saved checkpoint %s (%s bytes) in %.2fs", path, total, time.monotonic() - started)
         return path
 
-    def _plan_save(self, checkpoint_path: str | None, checkpoint_id: int | str | None) -> _SavePlan:
-        """Where the save goes, and (when rotation follows) the run's checkpoints: one listing.
+    def _plan_save(self, checkpoint_path: str | None, checkpoint_id: int | str | None, world: World) -> _SavePlan:
+        """Where the save goes, (when rotation follows) the run's checkpoints: one listing,
+        and (with several ranks) which rank writes which weight shard.
 
         Rotation needs every checkpoint's status (manifests are read once per
         process, and rotation bounds how many there are); the next number alone
@@ -302,7 +326,14 @@ class CheckpointManager:
         if scan is not None and self._is_run_checkpoint(path):
             known = {e.name: e.objects for e in scan.entries}
             target_objects = known.get(location_name(path), ())
-        return _SavePlan(path=path, entries=scan.entries if scan is not None else None, target_objects=target_objects)
+        weights = plan_for_world(
+            self._unwrapped_model(),
+            world.world_size,
+            safetensors=self.config.save_safetensors,
+            max_shard_size=self.config.max_shard_size,
+        )
+        entries = scan.entries if scan is not None else None
+        return _SavePlan(path=path, entries=entries, target_objects=target_objects, weights=weights)
 
     def _begin(self, storage: Storage, path: str, world: World, objects: tuple[ObjectInfo, ...] | None) -> None:
         inspection = inspect_checkpoint(storage, objects=objects)
@@ -421,7 +452,9 @@ class CheckpointManager:
 
         ``None`` restores the newest complete checkpoint; a bare name means one
         under ``<output_dir>/checkpoints/``. Called by every rank: rank 0 finds
-        the checkpoint and reads its manifest, and shares both.
+        the checkpoint and reads its manifest, and shares both. Every rank reads
+        the model weights, or with ``config.load_broadcast`` only the first rank
+        of each node, which broadcasts them to the rest of its node.
 
         Raises:
             CheckpointNotFoundError: there is no complete checkpoint to load.
@@ -440,7 +473,9 @@ class CheckpointManager:
             if manifest is not None:  # committed: every rank knows its files from rank 0's manifest
                 storage = KnownObjectsStorage(storage, [ObjectInfo(r.path, r.size, None) for r in manifest.files])
             model = self._unwrapped_model()
-            if model is not None:
+            if model is not None and self.config.load_broadcast:
+                load_weights_per_node(storage, model, world)
+            elif model is not None:
                 read_model_weights(storage, model, strict=True)
             if manifest is not None:
                 load_components(

@@ -22,6 +22,7 @@ from ckptio.errors import (
     MissingComponentWarning,
 )
 from ckptio.state import (
+    ComponentPlacement,
     SharingPattern,
     StateComponent,
     World,
@@ -33,13 +34,14 @@ from ckptio.state import (
 )
 from ckptio.storage import Storage
 from ckptio.storage.integrity import FileRecord, checksum_bytes
+from ckptio.storage.transfer import map_concurrently
 
 __all__ = ["ComponentFile", "MissingComponentWarning", "load_components", "manifest_entries", "save_components"]
 
 logger = logging.getLogger(__name__)
 
-
-
+#: Component files one rank uploads at once to an object store (local disk: one at a time).
+_WRITE_WORKERS = 4
 
 @dataclass(frozen=True)
 class ComponentFile:
@@ -63,11 +65,17 @@ def _group_ranks(component: StateComponent, world: World) -> list[int] | None:
 def save_components(storage: Storage, components: Sequence[StateComponent], world: World) -> list[ComponentFile]:
     """Write this rank's share of every component; call on every rank, same list, same order.
 
+    Every component's state is taken (and replication checked, a collective)
+    in list order first, so a rank whose write fails never leaves the others
+    waiting in a check; then this rank's files are written, several at once
+    where the storage is remote (:meth:`~ckptio.storage.Storage.concurrency`).
+    Results are in list order whatever order the uploads finish in.
+
     Raises:
         ReplicationMismatchError: a REPLICATED component with ``validate_replication``
             differs between ranks (raised on every rank, before anything of it is written).
     """
-    written: list[ComponentFile] = []
+    pending: list[tuple[StateComponent, ComponentPlacement, Any]] = []
     for component in components:
         state = component.stateful.state_dict()
         if component.validate_replication:
@@ -79,21 +87,23 @@ def save_components(storage: Storage, components: Sequence[StateComponent], worl
             group_name=component.process_group_name,
             group_ranks=_group_ranks(component, world),
         )
-        if not placement.writes:
-            continue
-        record = save_component_state(storage, placement.file_name, state)
-        written.append(
-            ComponentFile(
-                key=component.key,
-                sharing_pattern=SharingPattern(component.sharing_pattern).value,
-                writer_rank=placement.writer_rank,
-                shared_by=tuple(placement.shared_by),
-                record=record,
-                group_name=component.process_group_name,
-                metadata=dict(component.metadata),
-            )
+        if placement.writes:
+            pending.append((component, placement, state))
+
+    def write(item: tuple[StateComponent, ComponentPlacement, Any]) -> ComponentFile:
+        component, placement, state = item
+        return ComponentFile(
+            key=component.key,
+            sharing_pattern=SharingPattern(component.sharing_pattern).value,
+            writer_rank=placement.writer_rank,
+            shared_by=tuple(placement.shared_by),
+            record=save_component_state(storage, placement.file_name, state),
+            group_name=component.process_group_name,
+            metadata=dict(component.metadata),
         )
-    return written
+
+    workers = storage.concurrency(_WRITE_WORKERS)
+    return map_concurrently(write, pending, workers=workers, thread_name="ckptio-component")
 
 
 def manifest_entries(files: Sequence[ComponentFile]) -> dict[str, ComponentManifest]:

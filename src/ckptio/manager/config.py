@@ -39,6 +39,15 @@ class CheckpointConfig:
         on_world_size_change: what PER_RANK/PER_NODE state saved at another world
             size does on load: ``"error"`` (default), ``"rank0"`` (every rank
             loads rank 0's copy) or ``"skip"`` (leave it as initialised).
+        load_broadcast: on a resume with several ranks, only the first rank of
+            each node reads the model weights from storage and broadcasts them
+            to the other ranks of its node over a per-node process group
+            (``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` decide the nodes, else host
+            names). Fewer requests and bytes from the bucket (one download per
+            node instead of one per rank), for one extra copy of the model over
+            the node's interconnect and the wait for it. The model must live on
+            a device the process group can send (gloo: CPU; NCCL: CUDA).
+            Default False: every rank reads its own copy.
     """
 
     output_dir: str
@@ -49,6 +58,7 @@ class CheckpointConfig:
     storage_options: dict[str, Any] | None = None
     verify_checksums_on_load: bool = False
     on_world_size_change: str = "error"
+    load_broadcast: bool = False
 
     def __post_init__(self) -> None:
         if self.save_total_limit is not None and self.save_total_limit < 1:
