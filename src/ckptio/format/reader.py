@@ -12,7 +12,12 @@ Order of work, so that a bad checkpoint is refused before anything changes:
    a single weights file must match the module exactly;
 3. safetensors headers are checked against the module's shapes and dtypes;
 4. shards are read concurrently (a few at a time) and loaded as they arrive,
-   so memory holds a few shards, not the model twice;
+   so memory holds a few shards, not the model twice. On object stores each
+   shard's byte ranges are fetched concurrently and copied, as they arrive,
+   straight into the module's own parameters wherever ``load_state_dict``
+   would only ``copy_`` into them (CPU, same dtype and shape, contiguous, no
+   load hooks, ``assign=False``): one copy, and memory holds only the ranges
+   in flight; other tensors take the ``load_state_dict`` path;
 5. tied parameters are tied again (one Parameter per group).
 """
 
@@ -58,6 +63,8 @@ logger = logging.getLogger(__name__)
 
 #: Shards read at once.
 _READ_WORKERS = 4
+#: Byte ranges in flight for one load, shared by the shards read at once (bounds the buffers held).
+_RANGES_IN_FLIGHT = 8
 _SHOW = 20
 
 
@@ -130,7 +137,13 @@ def _open_catalog(storage: Storage, device: str | torch.device, debug: bool) -> 
 
 
 def _read_file(
-    catalog: _Catalog, file_name: str, names: list[str], device: str | torch.device
+    catalog: _Catalog,
+    file_name: str,
+    names: list[str],
+    device: str | torch.device,
+    out: Mapping[str, torch.Tensor] | None = None,
+    *,
+    files: int = 1,
 ) -> dict[str, torch.Tensor]:
     started = time.monotonic()
     if file_name in catalog.preloaded:
@@ -138,7 +151,10 @@ def _read_file(
         tensors = {n: loaded[n] for n in names}
     elif file_name.endswith(".safetensors"):
         header = catalog.headers.get(file_name)
-        tensors = read_safetensors(catalog.storage, file_name, names, device=device, header=header)
+        workers = max(1, _RANGES_IN_FLIGHT // min(files, _READ_WORKERS))
+        tensors = read_safetensors(
+            catalog.storage, file_name, names, device=device, header=header, out=out, workers=workers
+        )
     else:
         tensors = read_torch_file(catalog.storage, file_name, names, device=device)
     logger.log(
@@ -184,7 +200,9 @@ def _read_state_dict(
     needed = sorted({sources[n] for n in wanted}, key=order.__getitem__)
     tensors: dict[str, torch.Tensor] = {}
     work = _by_file(weight_map, needed)
-    for part in map_unordered(lambda item: _read_file(catalog, item[0], item[1], device), work, workers=_READ_WORKERS):
+    for part in map_unordered(
+        lambda item: _read_file(catalog, item[0], item[1], device, files=len(work)), work, workers=_READ_WORKERS
+    ):
         tensors.update(part)
     return {n: tensors[sources[n]] for n in wanted}
 
@@ -252,12 +270,18 @@ def _load_into(
     stored_files = {stored: weight_map[stored] for stored in loads}
     _check_shapes(catalog, {s: targets[t] for s, t in loads.items()}, stored_files)
 
+    fill = {} if assign or torch.device(device).type != "cpu" else _fillable_targets(module, targets, loads)
+    work = _by_file(weight_map, loads)
     for part in map_unordered(
-        lambda item: _read_file(catalog, item[0], item[1], device), _by_file(weight_map, loads), workers=_READ_WORKERS
+        lambda item: _read_file(catalog, item[0], item[1], device, fill, files=len(work)),
+        work,
+        workers=_READ_WORKERS,
     ):
-        renamed = {loads[stored]: tensor for stored, tensor in part.items()}
-        _check_loaded_shapes(url, renamed, targets)
-        module.load_state_dict(renamed, strict=False, assign=assign)
+        # Tensors read straight into the module's memory are loaded already.
+        renamed = {loads[stored]: tensor for stored, tensor in part.items() if tensor is not fill.get(stored)}
+        if renamed:
+            _check_loaded_shapes(url, renamed, targets)
+            module.load_state_dict(renamed, strict=False, assign=assign)
 
     # Tie again, each group led by a member that was loaded.
     loaded_names = set(loads.values())
@@ -267,6 +291,38 @@ def _load_into(
         tie_weights()  # transformers 4 lists aliases without saying what they are tied to
     covered = {n for n in wanted if n in sources or n in hf_aliases}
     return {n for n in targets if n not in covered}
+
+
+def _fillable_targets(
+    module: nn.Module, targets: Mapping[str, torch.Tensor], loads: Mapping[str, str]
+) -> dict[str, torch.Tensor]:
+    """Stored name -> the module's own parameter or buffer that may be filled without ``load_state_dict``.
+
+    Only where ``load_state_dict`` would do nothing but ``copy_`` into it: no
+    load hooks anywhere in the module (they may rewrite any key), no override of
+    ``load_state_dict`` or of the owning submodule's ``_load_from_state_dict``
+    (BatchNorm, quantized modules), and the state dict's value is the
+    submodule's registered tensor itself. The reader still checks dtype, shape,
+    device and layout per tensor (:func:`fills_in_place`) and falls back to
+    ``load_state_dict`` for the rest.
+    """
+    if type(module).load_state_dict is not nn.Module.load_state_dict:
+        return {}
+    owners = dict(module.named_modules(remove_duplicate=False))
+    if any(m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks for m in owners.values()):
+        return {}
+    fill: dict[str, torch.Tensor] = {}
+    for stored, name in loads.items():
+        prefix, _, leaf = name.rpartition(".")
+        owner = owners.get(prefix)
+        target = targets[name]
+        if (
+            owner is not None
+            and type(owner)._load_from_state_dict is nn.Module._load_from_state_dict
+            and (owner._parameters.get(leaf) is target or owner._buffers.get(leaf) is target)
+        ):
+            fill[stored] = target
+    return fill
 
 
 def _unexpected(
@@ -373,6 +429,12 @@ def load_weights(
     Returns:
         The names of ``module``'s state dict that were not loaded (empty when
         every one was; with ``strict=False`` the missing ones are here).
+
+    Name, shape and dtype problems are raised before any tensor data is read,
+    with the module untouched. Tensor data is written into the module as it
+    arrives, so a read that fails part way (a shard cut short or replaced
+    during the load, a storage error that outlasts the retries) leaves the
+    module partly loaded: load again, or from another checkpoint.
 
     Raises:
         CheckpointNotFoundError: no weights or index file at the root.

@@ -10,14 +10,16 @@ dtypes, then each tensor's own memory is written in slices of at most
 :data:`WRITE_CHUNK` bytes (a non-contiguous or non-CPU tensor is copied to a
 contiguous CPU block a few rows at a time, never whole). Reading maps a local file
 (``mmap``, copy-on-write, no copy of the data) or, on object stores, fetches
-the header and then only the byte ranges of the tensors asked for, coalescing
-adjacent ranges. Every header is validated against the object's size before a
+the header and then only the byte ranges of the tensors asked for: adjacent
+ranges are merged and big ones split, several are in flight at once, and each
+is copied as it arrives into the tensor it belongs to (a module's own
+parameter when the caller passes it in ``out``), so memory never holds the
+shard's bytes twice. Every header is validated against the object's size before a
 byte of tensor data is trusted.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import mmap
 import os
@@ -26,10 +28,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from ckptio.errors import CorruptCheckpointError, InvalidArgumentError
+from ckptio.format.ranged_reads import RANGE_WORKERS, read_into
 from ckptio.storage import Storage
 from ckptio.storage.integrity import ChecksumWriter, FileRecord
 
@@ -39,6 +41,7 @@ __all__ = [
     "check_writable",
     "coalesce_ranges",
     "encode_header",
+    "fills_in_place",
     "parse_header",
     "read_header",
     "read_safetensors",
@@ -146,8 +149,8 @@ def encode_header(
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy."""
-    return tensor.reshape(-1).view(torch.uint8).numpy().data.cast("B")
+    """The bytes of a contiguous CPU tensor, writable, without a copy."""
+    return tensor.detach().reshape(-1).view(torch.uint8).numpy().data.cast("B")
 
 
 def tensor_chunks(tensor: torch.Tensor, chunk_size: int = WRITE_CHUNK) -> Iterator[memoryview]:
@@ -325,6 +328,25 @@ def _from_buffer(buffer: Any, entry: HeaderEntry) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=entry.dtype, count=count, offset=entry.start).reshape(entry.shape)
 
 
+def fills_in_place(target: torch.Tensor, entry: HeaderEntry) -> bool:
+    """Whether ``entry``'s bytes can be copied straight into ``target``'s memory.
+
+    True for a plain, contiguous CPU tensor (or Parameter) of the entry's dtype and
+    shape, not conjugated or negated, not an inference tensor: exactly the
+    tensors ``copy_`` would fill with the same bytes.
+    """
+    return (
+        type(target) in (torch.Tensor, torch.nn.Parameter)
+        and target.device.type == "cpu"
+        and target.dtype == entry.dtype
+        and tuple(target.shape) == entry.shape
+        and target.is_contiguous()
+        and not target.is_conj()
+        and not target.is_neg()
+        and not target.is_inference()
+    )
+
+
 def _read_local(path: str, key: str, url: str, names: Iterable[str] | None) -> dict[str, torch.Tensor]:
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
@@ -339,34 +361,28 @@ def _read_local(path: str, key: str, url: str, names: Iterable[str] | None) -> d
 
 
 def _read_remote(
-    storage: Storage, key: str, url: str, names: Iterable[str] | None, header: SafetensorsHeader | None
+    storage: Storage,
+    key: str,
+    url: str,
+    names: Iterable[str] | None,
+    header: SafetensorsHeader | None,
+    out: Mapping[str, torch.Tensor],
+    range_size: int | None,
+    workers: int,
 ) -> dict[str, torch.Tensor]:
     header = header or read_header(storage, key)
-    entries = _select(header, names, url)
-    spans = coalesce_ranges([(e.start, e.end) for e in entries.values()])
-    starts = [start for start, _ in spans]
-    chunks: list[bytes | None] = list(storage.read_ranges(key, spans))
-    out: dict[str, torch.Tensor] = {}
-    current = -1
-    for name, entry in sorted(entries.items(), key=lambda item: item[1].start):
-        if entry.end == entry.start:
-            out[name] = torch.empty(entry.shape, dtype=entry.dtype)
-            continue
-        i = bisect.bisect_right(starts, entry.start) - 1
-        if i != current:
-            if current >= 0:
-                chunks[current] = None  # every tensor of that range is copied out: free it
-            current = i
-        chunk = chunks[i]
-        if chunk is None:  # pragma: no cover - ranges are visited in order
-            raise RuntimeError(f"range {spans[i]} of {url!r} was released too early")
-        view = memoryview(chunk)[entry.start - starts[i] : entry.end - starts[i]]
-        if view.nbytes != entry.end - entry.start:
-            raise _corrupt(url, f"read {view.nbytes} bytes of {name!r}, expected {entry.end - entry.start} (truncated)")
-        raw = torch.empty(view.nbytes, dtype=torch.uint8)
-        raw.numpy()[:] = np.frombuffer(view, dtype=np.uint8)  # bytes are read-only: one copy into tensor memory
-        out[name] = raw.view(entry.dtype).reshape(entry.shape)
-    return {name: out[name] for name in entries}
+    result: dict[str, torch.Tensor] = {}
+    placements: list[tuple[int, memoryview]] = []
+    for name, entry in _select(header, names, url).items():
+        target = out.get(name)
+        if target is None or not fills_in_place(target, entry):
+            target = torch.empty(entry.shape, dtype=entry.dtype)
+        result[name] = target
+        if entry.end > entry.start:
+            placements.append((entry.start, _bytes_of(target)))
+    # Every byte goes from the network buffer straight into its tensor, a few ranges at a time.
+    read_into(storage, key, placements, range_size=range_size, workers=workers)
+    return result
 
 
 def read_safetensors(
@@ -376,12 +392,28 @@ def read_safetensors(
     *,
     device: str | torch.device = "cpu",
     header: SafetensorsHeader | None = None,
+    out: Mapping[str, torch.Tensor] | None = None,
+    range_size: int | None = None,
+    workers: int = RANGE_WORKERS,
 ) -> dict[str, torch.Tensor]:
     """Read tensors ``names`` (all when None) of a shard, placed on ``device``.
 
     Local files are memory-mapped (no copy); other storages fetch the header
     (unless ``header``, from :func:`read_header`, is given) and then only the
-    needed byte ranges.
+    needed byte ranges in reads of about ``range_size`` bytes (default
+    :data:`~ckptio.format.ranged_reads.READ_RANGE_SIZE`), up to ``workers`` at
+    once where the backend overlaps requests, each copied into its tensor as
+    it arrives.
+
+    Args:
+        out: tensors to fill in place, by name, when the shard is not a local
+            file. Each one that :func:`fills_in_place` accepts for its entry
+            receives the bytes directly, from the network buffer with no
+            intermediate copy (the returned dict holds that very tensor, never
+            moved to ``device``: test with ``is``); the others get fresh
+            tensors as without ``out``. A local file is mapped instead and
+            ``out`` is left alone. If a read fails part way, tensors of ``out``
+            may hold part of the new data.
 
     Raises:
         ObjectNotFoundError: the shard does not exist.
@@ -389,10 +421,11 @@ def read_safetensors(
     """
     url = storage.url_of(key)
     path = storage.local_path(key)
+    fill = out or {}
     if path is not None and os.path.isfile(path):
-        tensors = _read_local(path, key, url, names)
+        tensors = _read_local(path, key, url, names)  # mapped, not copied: ``out`` is not filled
     else:
-        tensors = _read_remote(storage, key, url, names, header)
+        tensors = _read_remote(storage, key, url, names, header, fill, range_size, workers)
     if torch.device(device).type != "cpu":
-        tensors = {n: t.to(device) for n, t in tensors.items()}
+        tensors = {n: t if fill.get(n) is t else t.to(device) for n, t in tensors.items()}
     return tensors

@@ -7,12 +7,13 @@ raised by the file it writes to into a bare ``RuntimeError``; the storage error
 is kept and raised instead, so it names the object and can be retried when
 transient. Loading is only ever done with
 ``weights_only=True``; a file that needs arbitrary pickled objects is refused
-as corrupt rather than executed. Local files load by mmap.
+as corrupt rather than executed. Local files load by mmap; on object stores a
+big file is fetched with concurrent ranged reads into one buffer
+(:func:`~ckptio.format.ranged_reads.read_object`), a small one in one request.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import zipfile
@@ -22,6 +23,7 @@ from typing import IO, Any, NoReturn, cast
 import torch
 
 from ckptio.errors import CkptioError, CorruptCheckpointError
+from ckptio.format.ranged_reads import BufferFile, read_object
 from ckptio.storage import Storage, StreamWriter
 from ckptio.storage.integrity import ChecksumWriter, FileRecord
 from ckptio.storage.retry import translate_error
@@ -107,7 +109,7 @@ def write_torch_file(storage: Storage, key: str, tensors: Mapping[str, torch.Ten
     return writer.record
 
 
-def _load(source: str | io.BytesIO, url: str, device: str | torch.device, *, mmap: bool) -> Any:
+def _load(source: str | IO[bytes], url: str, device: str | torch.device, *, mmap: bool) -> Any:
     try:
         return torch.load(source, map_location=torch.device(device), weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
@@ -122,9 +124,18 @@ def _load(source: str | io.BytesIO, url: str, device: str | torch.device, *, mma
 
 
 def read_torch_file(
-    storage: Storage, key: str, names: Iterable[str] | None = None, *, device: str | torch.device = "cpu"
+    storage: Storage,
+    key: str,
+    names: Iterable[str] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load a ``.bin``/``.pt`` state dict with ``weights_only=True``; keep ``names`` (all when None).
+
+    On object stores a file of 16 MiB or more comes over several connections
+    (:func:`~ckptio.format.ranged_reads.read_object`; ``size``, when known,
+    saves the request that sizes it); a smaller one is one request.
 
     Raises:
         ObjectNotFoundError: the file does not exist.
@@ -138,7 +149,8 @@ def read_torch_file(
             is_zip = file.read(4) == _ZIP_MAGIC
         loaded = _load(path, url, device, mmap=is_zip)
     else:
-        loaded = _load(io.BytesIO(storage.read_bytes(key)), url, device, mmap=False)
+        with BufferFile(read_object(storage, key, size=size)) as file:
+            loaded = _load(cast(IO[bytes], file), url, device, mmap=False)
     if not isinstance(loaded, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
     ):

@@ -160,6 +160,7 @@ def load_components(
             ``on_world_size_change``).
     """
     saved = manifest.components
+    sizes = {record.path: record.size for record in manifest.files}  # big files fetched in concurrent ranges
     for component in components:
         entry = saved.get(component.key)
         if entry is None:
@@ -183,7 +184,7 @@ def load_components(
                            component.key)
             continue
         try:
-            state = load_component_state(storage, file_name)
+            state = load_component_state(storage, file_name, size=sizes.get(file_name))
         except (FileNotFoundError, CorruptCheckpointError) as exc:
             if component.required and isinstance(exc, CorruptCheckpointError):
                 raise

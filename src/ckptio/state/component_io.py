@@ -23,13 +23,12 @@ are accepted.
 from __future__ import annotations
 
 import collections
-import io
 import logging
 import os
 import pickle
 import zipfile
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -39,6 +38,7 @@ from ckptio.errors import (
     InvalidArgumentError,
     ObjectNotFoundError,
 )
+from ckptio.format.ranged_reads import BufferFile, read_object
 from ckptio.storage import Storage, StreamWriter
 from ckptio.storage.integrity import ChecksumWriter, FileRecord
 
@@ -143,13 +143,19 @@ def save_component_state(storage: Storage, file_name: str, state_dict: Any) -> F
     return writer.record
 
 
-def load_component_state(storage: Storage, file_name: str, *, map_location: Any = "cpu") -> Any:
+def load_component_state(
+    storage: Storage, file_name: str, *, map_location: Any = "cpu", size: int | None = None
+) -> Any:
     """Load a component file written by :func:`save_component_state`, with ``weights_only=True``.
 
     Args:
         storage: the checkpoint directory.
         file_name: the component file, relative to it.
         map_location: where tensors go, as for ``torch.load`` (default CPU).
+        size: the file's size when known (from the manifest): on object stores
+            a big file is then fetched in concurrent ranges from its first
+            byte. Without it a big file's first 16 MiB come in one request,
+            then its size and the rest; a small file is one request either way.
 
     Raises:
         IncompleteCheckpointError: the file does not exist.
@@ -159,13 +165,14 @@ def load_component_state(storage: Storage, file_name: str, *, map_location: Any 
     url = storage.url_of(file_name)
     path = storage.local_path(file_name)
     try:
-        source: str | io.BytesIO
+        source: str | IO[bytes]
         if path is not None:
             if not os.path.isfile(path):
                 raise ObjectNotFoundError(f"{url!r} does not exist")
             source = path
         else:
-            source = io.BytesIO(storage.read_bytes(file_name))
+            # Big files (optimizer state) come over several connections, into one buffer.
+            source = cast(IO[bytes], BufferFile(read_object(storage, file_name, size=size)))
     except ObjectNotFoundError as exc:
         raise IncompleteCheckpointError(
             f"cannot load component state {url!r}: the file does not exist; the checkpoint is incomplete"
@@ -182,5 +189,8 @@ def load_component_state(storage: Storage, file_name: str, *, map_location: Any 
             f"cannot load {url!r}: not a readable torch.save file, truncated or corrupt "
             f"({type(exc).__name__}: {exc}); the file was not modified"
         ) from exc
+    finally:
+        if not isinstance(source, str):
+            source.close()  # releases the downloaded buffer now, not at the next collection
     logger.debug("read %s", url)
     return state
