@@ -85,6 +85,7 @@ from ckptio.manager.weights import (
 from ckptio.state import StateComponent, StatefulProvider, World, process_groups_of
 from ckptio.storage import KnownObjectsStorage, ObjectInfo, Storage, open_storage
 from ckptio.storage.integrity import FileRecord, checksum_bytes
+from ckptio.storage.transfer import run_both
 
 __all__ = ["CheckpointManager"]
 
@@ -258,17 +259,22 @@ class CheckpointManager:
         action = f"cannot save {path!r}"
         self._on_rank0(world, lambda: self._begin(storage, path, world, plan.target_objects), action=action, safe=safe)
 
-        def write() -> _Outcome:
-            outcome = _Outcome()
-            # Components first: their replication checks are collectives, and must not wait on a
-            # rank whose weight upload already failed (it would never arrive).
-            outcome.components = save_components(storage, self._components(), world)
+        def write_weights() -> list[FileRecord]:
             model = self._unwrapped_model()
             if plan.weights is not None and model is not None:
-                outcome.weights = write_weights_share(storage, plan.weights, model, world.rank)
-            elif world.rank == 0:
-                outcome.weights = self._write_weights(storage)
-            return outcome
+                return write_weights_share(storage, plan.weights, model, world.rank)
+            return self._write_weights(storage) if world.rank == 0 else []
+
+        def write() -> _Outcome:
+            # On object stores the weights upload on a thread of their own while the components
+            # upload here. Only this thread runs collectives (the components' replication checks),
+            # and it never waits on the weights: a failed weight upload cannot strand another rank.
+            weights, components = run_both(
+                write_weights,
+                lambda: save_components(storage, self._components(), world),
+                concurrently=storage.is_remote,
+            )
+            return _Outcome(weights=weights, components=components)
 
         outcomes = self._on_every_rank(world, write, action=action, safe=safe)
 
@@ -474,17 +480,27 @@ class CheckpointManager:
                 storage = KnownObjectsStorage(storage, [ObjectInfo(r.path, r.size, None) for r in manifest.files])
             model = self._unwrapped_model()
             if model is not None and self.config.load_broadcast:
-                load_weights_per_node(storage, model, world)
-            elif model is not None:
-                read_model_weights(storage, model, strict=True)
-            if manifest is not None:
-                load_components(
-                    storage,
-                    self._components(),
-                    world,
-                    manifest,
-                    on_world_size_change=self.config.on_world_size_change,
-                )
+                load_weights_per_node(storage, model, world)  # collectives: on this thread, alone
+                model = None
+
+            def read_weights() -> None:
+                if model is not None:
+                    read_model_weights(storage, model, strict=True)
+
+            def read_components() -> None:
+                if manifest is not None:
+                    load_components(
+                        storage,
+                        self._components(),
+                        world,
+                        manifest,
+                        on_world_size_change=self.config.on_world_size_change,
+                    )
+
+            # On object stores the weights download on a thread of their own (plain tensor copies)
+            # while the components, whose load_state_dict may touch thread-bound state such as the
+            # current CUDA device, load on this thread.
+            run_both(read_weights, read_components, concurrently=storage.is_remote)
 
         self._on_every_rank(world, restore, action=f"cannot load {path!r}", safe=safe)
         if manifest is not None:

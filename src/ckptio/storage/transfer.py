@@ -14,10 +14,12 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
-__all__ = ["map_concurrently", "map_unordered", "run_alongside"]
+__all__ = ["map_concurrently", "map_unordered", "run_alongside", "run_both"]
 
 T = TypeVar("T")
 R = TypeVar("R")
+A = TypeVar("A")
+B = TypeVar("B")
 
 
 def map_concurrently(
@@ -83,3 +85,19 @@ def run_alongside(side: Callable[[], object], main: Callable[[], R]) -> R:
         wait([future])
     future.result()
     return result
+
+
+def run_both(first: Callable[[], A], second: Callable[[], B], *, concurrently: bool) -> tuple[A, B]:
+    """``(first(), second())``; with ``concurrently``, ``first`` runs on a thread of its own
+    while ``second`` runs here (the calling thread keeps whatever must stay on it, such as
+    collectives). Both have finished when this returns; ``second``'s exception wins.
+    """
+    if not concurrently:
+        return first(), second()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptio-both") as pool:
+        future = pool.submit(first)
+        try:
+            result = second()
+        finally:
+            wait([future])
+        return future.result(), result
