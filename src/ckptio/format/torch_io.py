@@ -14,13 +14,15 @@ big file is fetched with concurrent ranged reads into one buffer
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any, NoReturn, cast
 
 import torch
+import torch.utils.serialization
 
 from ckptio.errors import CkptioError, CorruptCheckpointError
 from ckptio.format.ranged_reads import BufferFile, read_object
@@ -61,6 +63,24 @@ class _WriterFile:
         """Nothing to flush: the storage writer publishes on commit."""
 
 
+@contextlib.contextmanager
+def without_zip_checksums() -> Iterator[None]:
+    """Let ``torch.save`` in this thread skip the zip CRC32 of every record.
+
+    That checksum costs about as long as writing the bytes to a fast disk,
+    ``torch.load`` never checks it, and ckptio records its own CRC32C of every
+    file in the manifest. torch keeps the setting per thread; it is restored
+    on exit, so the caller's own ``torch.save`` calls are unaffected.
+    """
+    config = torch.utils.serialization.config.save
+    before = config.compute_crc32
+    config.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.compute_crc32 = before
+
+
 def _saveable(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor to pickle: detached, and a compact copy when it views a larger storage.
 
@@ -97,7 +117,8 @@ def write_torch_file(storage: Storage, key: str, tensors: Mapping[str, torch.Ten
     file = _WriterFile(writer)
     with writer:
         try:
-            torch.save(payload, cast(IO[bytes], file))
+            with without_zip_checksums():
+                torch.save(payload, cast(IO[bytes], file))
         except Exception:
             if file.error is None:
                 raise

@@ -39,6 +39,7 @@ from ckptio.errors import (
     ObjectNotFoundError,
 )
 from ckptio.format.ranged_reads import BufferFile, read_object
+from ckptio.format.torch_io import without_zip_checksums
 from ckptio.storage import Storage, StreamWriter
 from ckptio.storage.integrity import ChecksumWriter, FileRecord
 
@@ -132,7 +133,8 @@ def save_component_state(storage: Storage, file_name: str, state_dict: Any) -> F
     with writer:
         stream = _StreamFile(writer)
         try:
-            torch.save(state_dict, stream)  # type: ignore[arg-type]  # any object with write()
+            with without_zip_checksums():  # the manifest holds the file's CRC32C
+                torch.save(state_dict, stream)  # type: ignore[arg-type]  # any object with write()
         except BaseException as exc:
             if stream.error is not None and stream.error is not exc:
                 raise stream.error  # noqa: B904 - the storage failure, not torch's follow-up error
