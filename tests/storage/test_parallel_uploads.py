@@ -174,6 +174,18 @@ def test_part_size_grows_so_no_object_needs_more_than_max_parts() -> None:
     assert capacity > 5 * 2**40  # S3's largest object (5 TiB) fits in 10,000 parts
 
 
+def test_a_ramp_starts_small_and_stops_at_four_times_the_base() -> None:
+    base = 8 * 2**20
+    sizes = [part_size_for(n, base, ramp=8) for n in range(1, 40)]
+    assert sizes[:8] == [base] * 8 and sizes[8:16] == [2 * base] * 8 and set(sizes[16:]) == {4 * base}
+    parts_for_683_mib, total = 0, 0
+    while total < 683 * 2**20:
+        parts_for_683_mib += 1
+        total += part_size_for(parts_for_683_mib, base, ramp=8)
+    assert parts_for_683_mib <= 32  # one GCS compose request
+    assert part_size_for(1_001, base, ramp=8) == 8 * base
+
+
 # -- against the real servers ------------------------------------------------------
 
 

@@ -64,13 +64,17 @@ MAX_PARTS = 10_000
 _PARTS_PER_SIZE = 1_000
 
 
-def part_size_for(number: int, base: int) -> int:
+def part_size_for(number: int, base: int, *, ramp: int = 0) -> int:
     """Size of part ``number`` (from 1): ``base``, doubled after every 1,000 parts.
 
-    With a 16 MiB base, 10,000 parts hold about 16 TiB, more than any store
-    accepts in one object.
+    With ``ramp``, the size also doubles after every ``ramp`` parts, up to four
+    times ``base``: a small object still goes out as several parts at once,
+    and a big one in fewer parts (GCS composes at most 32 per request). With a
+    16 MiB base, 10,000 parts hold about 16 TiB, more than any store accepts
+    in one object.
     """
-    return int(base << ((number - 1) // _PARTS_PER_SIZE))
+    growth = min((number - 1) // ramp, 2) if ramp else 0
+    return int(base << (growth + (number - 1) // _PARTS_PER_SIZE))
 
 
 class UploadBudget:
@@ -158,6 +162,9 @@ class PartSink(ABC):
     :class:`PartBody` (a fresh one per attempt), never keep them.
     """
 
+    #: Parts after which the part size doubles (up to 4x), or 0 for a constant size.
+    ramp_parts: int = 0
+
     @abstractmethod
     async def put_whole(self, data: memoryview) -> None:
         """Publish the object in one request (it fitted in a single part)."""
@@ -237,7 +244,7 @@ class ParallelUploadWriter(StreamWriter):
     def _new_buffer(self) -> mmap.mmap:
         """A part buffer of anonymous memory: unmapped as soon as the part is stored and
         dropped (the C heap would keep a freed buffer of this size mapped, and grow)."""
-        size = part_size_for(self._number + 1, self._base_part_size)
+        size = part_size_for(self._number + 1, self._base_part_size, ramp=self._sink.ramp_parts)
         self._charge = size
         self._budget.acquire(size)
         self._filled = 0

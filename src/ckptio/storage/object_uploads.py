@@ -14,8 +14,10 @@
   them) and end with :data:`PART_SUFFIX`, which a lifecycle rule
   (``matchesSuffix``) can collect if a writer is killed. Composite objects
   carry a CRC32C but no MD5; ckptio's manifest holds its own CRC32C of every
-  file. Parts are 16 MiB by default on GCS (8 MiB on S3): a compose request
-  takes 32 sources, so objects up to 512 MiB compose in one request.
+  file. A compose request takes 32 sources, so GCS parts start at 8 MiB (a
+  small object still goes out over several connections) and grow to 16 and
+  32 MiB after every 8 parts: objects up to about 700 MiB compose in one
+  request.
 
 Both sinks send an object that fits in one part as one plain upload.
 """
@@ -36,7 +38,7 @@ __all__ = ["PART_SUFFIX", "GCSComposeSink", "S3MultipartSink", "default_part_siz
 #: Name ending of GCS temporary part objects (for a ``matchesSuffix`` lifecycle rule).
 PART_SUFFIX = ".ckptio-part"
 #: Part size of streaming uploads by protocol (S3 accepts >= 5 MiB; GCS wants multiples of 256 KiB).
-_PART_SIZES = {"gs": 16 * 2**20, "gcs": 16 * 2**20}
+_PART_SIZES: dict[str, int] = {}
 _DEFAULT_PART_SIZE = 8 * 2**20
 
 #: Most source objects one GCS compose request accepts.
@@ -84,6 +86,9 @@ class S3MultipartSink(PartSink):
 
 class GCSComposeSink(PartSink):
     """One object uploaded as temporary part objects composed into it (gcsfs's client)."""
+
+    #: 8 parts of 8 MiB, 8 of 16, then 32 MiB: 256 MiB in 18 parts, 683 MiB in 32 (one compose).
+    ramp_parts = 8
 
     def __init__(self, fs: Any, path: str) -> None:
         self._fs = fs
