@@ -180,7 +180,8 @@ def load_component_state(
             f"cannot load component state {url!r}: the file does not exist; the checkpoint is incomplete"
         ) from exc
     try:
-        state = torch.load(source, map_location=map_location, weights_only=True)
+        # A local file is mapped, not read: its pages are shared with the page cache (copy-on-write).
+        state = torch.load(source, map_location=map_location, weights_only=True, mmap=isinstance(source, str))
     except pickle.UnpicklingError as exc:
         raise CorruptCheckpointError(
             f"refusing to load {url!r}: it holds objects torch.load(weights_only=True) will not rebuild "
