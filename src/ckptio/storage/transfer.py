@@ -87,17 +87,21 @@ def run_alongside(side: Callable[[], object], main: Callable[[], R]) -> R:
     return result
 
 
-def run_both(first: Callable[[], A], second: Callable[[], B], *, concurrently: bool) -> tuple[A, B]:
-    """``(first(), second())``; with ``concurrently``, ``first`` runs on a thread of its own
-    while ``second`` runs here (the calling thread keeps whatever must stay on it, such as
-    collectives). Both have finished when this returns; ``second``'s exception wins.
+def run_both(background: Callable[[], A], foreground: Callable[[], B], *, concurrently: bool) -> tuple[A, B]:
+    """``(background(), foreground())``: with ``concurrently``, ``background`` runs on a thread of
+    its own while ``foreground`` runs here; without, ``foreground`` runs first, then ``background``.
+
+    Either way ``foreground`` (whatever must stay on the calling thread, such as collectives)
+    never waits on ``background``, so a failure there cannot keep it from other ranks. Both have
+    finished when this returns; ``foreground``'s exception wins.
     """
     if not concurrently:
-        return first(), second()
+        result = foreground()
+        return background(), result
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptio-both") as pool:
-        future = pool.submit(first)
+        future = pool.submit(background)
         try:
-            result = second()
+            result = foreground()
         finally:
             wait([future])
         return future.result(), result
