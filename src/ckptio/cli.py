@@ -1,7 +1,9 @@
 """The ``ckptio`` command line: ``ls``, ``inspect``, ``verify``, ``latest``, ``cp``, ``prune``.
 
 Every command takes local paths or fsspec URLs; ``--storage-options JSON``
-applies to all of them. Exit code 0 on success, 1 on any error with one line
+applies to all of them, given before or after the command name. Credentials in
+it are never printed: usage errors, error lines, ``--debug`` tracebacks and log
+lines redact them. Exit code 0 on success, 1 on any error with one line
 ``ckptio: error: <message>`` on stderr (a traceback only with ``--debug``).
 The command line installs a logging handler for the ``ckptio`` logger while it
 runs; the library itself never configures logging.
@@ -15,7 +17,7 @@ import json
 import logging
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
@@ -55,12 +57,79 @@ class _UsageError(Exception):
     """A command line that argparse rejected."""
 
 
+#: Options whose values may hold credentials: never echoed in an error message.
+_SECRET_OPTIONS = ("--storage-options", "--dst-storage-options")
+_REDACTED = "<redacted>"
+#: Option names (case-insensitive substrings) whose values are credentials, like ``aws_secret_access_key``.
+_CREDENTIAL_WORDS = ("secret", "token", "password", "credential", "private", "access_key")
+
+
+def _secret_values(args: Sequence[str]) -> list[str]:
+    """The values given to :data:`_SECRET_OPTIONS` in ``args`` (also ``--opt=value`` and abbreviations).
+
+    Over-redacting is harmless; an echoed credential is not.
+    """
+    values: list[str] = []
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if len(flag) < 3 or not flag.startswith("--") or not any(o.startswith(flag) for o in _SECRET_OPTIONS):
+            continue
+        if eq:
+            values.append(value)
+        elif i + 1 < len(args):
+            values.append(args[i + 1])
+    # A JSON object anywhere (say, after an empty ``--storage-options=``) is options, never a URL.
+    return values + [arg for arg in args if arg.lstrip().startswith("{")]
+
+
+def _credential_values(options: object, secret: bool = False) -> list[str]:
+    """The strings under credential-like keys of parsed options (``secret``, ``token``, ...), at any depth."""
+    if isinstance(options, dict):
+        named = {k: secret or k == "key" or any(w in str(k).lower() for w in _CREDENTIAL_WORDS) for k in options}
+        return [v for k, item in options.items() for v in _credential_values(item, named[k])]
+    if isinstance(options, list):
+        return [v for item in options for v in _credential_values(item, secret)]
+    return [options] if secret and isinstance(options, str) and len(options) >= 8 else []
+
+
+def _redact(text: str, secrets: Iterable[str]) -> str:
+    """Replace every secret in ``text``, longest first so a value that holds another goes whole."""
+    for value in sorted({v for v in secrets if v}, key=len, reverse=True):
+        text = text.replace(value, _REDACTED)
+    return text
+
+
+class _RedactingFormatter(logging.Formatter):
+    """A log formatter that redacts credentials (a backstop: ckptio never logs them itself)."""
+
+    def __init__(self, fmt: str, secrets: list[str]) -> None:
+        super().__init__(fmt)
+        self.secrets = secrets  # filled in once the options are parsed
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _redact(super().format(record), self.secrets)
+
+
 class _Parser(argparse.ArgumentParser):
-    """An argument parser that reports usage errors as exceptions (exit code 1, one line)."""
+    """An argument parser that reports usage errors as exceptions (exit code 1, one line).
+
+    Error messages never echo the value of ``--storage-options`` or
+    ``--dst-storage-options``: it may hold credentials.
+    """
+
+    _parsed_args: Sequence[str] = ()
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """Remember the arguments, so that :meth:`error` can redact their secret values."""
+        self._parsed_args = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(self._parsed_args, namespace)
 
     def error(self, message: str) -> NoReturn:
-        """Raise instead of printing usage and exiting with code 2."""
-        raise _UsageError(message)
+        """Raise instead of printing usage and exiting with code 2; redact secret option values."""
+        # `from None`: the argparse error being handled (shown by --debug) holds the unredacted text.
+        raise _UsageError(_redact(message, _secret_values(self._parsed_args))) from None
 
 
 def format_size(size: int | None) -> str:
@@ -264,14 +333,27 @@ def cmd_cp(args: argparse.Namespace, options: dict[str, Any]) -> int:
 
 
 # -- entry point ------------------------------------------------------------
+def _add_global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
+    """Add the options every command accepts, before or after its name."""
+    parser.add_argument("--version", action="version", version=f"ckptio {__version__}")
+    parser.add_argument(
+        "--storage-options", metavar="JSON", default=default, help="fsspec options (JSON object) for every URL"
+    )
+    debug_default = False if default is None else default
+    parser.add_argument(
+        "--debug", action="store_true", default=debug_default, help="debug logging and full tracebacks on errors"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of ``ckptio``."""
     parser = _Parser(
         prog="ckptio", description="Crash-safe PyTorch checkpoints on local disk, S3, GCS or any fsspec URL."
     )
-    parser.add_argument("--version", action="version", version=f"ckptio {__version__}")
-    parser.add_argument("--storage-options", metavar="JSON", help="fsspec options (JSON object) for every URL")
-    parser.add_argument("--debug", action="store_true", help="debug logging and full tracebacks on errors")
+    _add_global_options(parser, default=None)
+    # The same options after the subcommand; SUPPRESS keeps a value given before it.
+    common = _Parser(add_help=False)
+    _add_global_options(common, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     simple: list[tuple[str, str, Callable[[argparse.Namespace, dict[str, Any]], int], str]] = [
         ("ls", "url", cmd_ls, "list checkpoints under URL/checkpoints"),
@@ -280,17 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("latest", "url", cmd_latest, "print the newest complete checkpoint under URL"),
     ]
     for name, dest, func, help_text in simple:
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, parents=[common])
         p.add_argument(dest, metavar=dest.upper())
         p.set_defaults(func=func)
-    p = sub.add_parser("cp", help="copy a complete checkpoint to another storage, manifest last")
+    p = sub.add_parser("cp", help="copy a complete checkpoint to another storage, manifest last", parents=[common])
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
     p.add_argument("--overwrite", action="store_true", help="replace files already at DST")
     p.add_argument("--dst-storage-options", metavar="JSON", help="fsspec options for DST (default: --storage-options)")
     p.add_argument("--progress", action="store_true", help="show a progress bar even when stderr is not a TTY")
     p.set_defaults(func=cmd_cp)
-    p = sub.add_parser("prune", help="delete all but the newest N complete checkpoints")
+    p = sub.add_parser("prune", help="delete all but the newest N complete checkpoints", parents=[common])
     p.add_argument("url", metavar="URL")
     p.add_argument("--keep", type=int, required=True, metavar="N", help="complete checkpoints to keep (>= 1)")
     p.set_defaults(func=cmd_prune)
@@ -309,16 +391,23 @@ def main(argv: list[str] | None = None) -> int:
     Args:
         argv: the arguments without the program name; ``sys.argv[1:]`` when None.
     """
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    raw_args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in raw_args
+    # Nothing printed below may show a credential, even one a backend puts in its error message.
+    secrets = _secret_values(raw_args)
     package_logger = logging.getLogger("ckptio")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("ckptio: %(levelname)s: %(message)s"))
+    handler.setFormatter(_RedactingFormatter("ckptio: %(levelname)s: %(message)s", secrets))
     previous_level = package_logger.level
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.DEBUG if debug else logging.WARNING)
     try:
-        args = build_parser().parse_args(argv)
-        return int(args.func(args, _storage_options(args.storage_options)))
+        args = build_parser().parse_args(raw_args)
+        options = _storage_options(args.storage_options)
+        secrets += _credential_values(options)
+        if getattr(args, "dst_storage_options", None) is not None:
+            secrets += _credential_values(_storage_options(args.dst_storage_options))
+        return int(args.func(args, options))
     except SystemExit as exc:  # --help / --version
         return exc.code if isinstance(exc.code, int) else 0
     except KeyboardInterrupt:
@@ -326,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as exc:  # noqa: BLE001 - the command line reports every failure as one line
         if debug:
-            traceback.print_exc()
-        print(f"ckptio: error: {_error_line(exc)}", file=sys.stderr)
+            print(_redact(traceback.format_exc(), secrets), end="", file=sys.stderr)
+        print(f"ckptio: error: {_redact(_error_line(exc), secrets)}", file=sys.stderr)
         return 1
     finally:
         package_logger.removeHandler(handler)
