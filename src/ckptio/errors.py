@@ -7,6 +7,7 @@ also inherit the builtin they refine, so callers that already catch
     CkptioError
     ├── StorageError (OSError)                 a backend operation failed
     │   ├── ObjectNotFoundError (FileNotFoundError)
+    │   │   └── BucketNotFoundError                the bucket itself does not exist
     │   ├── ObjectExistsError (FileExistsError)    exclusive create lost the race
     │   ├── StoragePermissionError (PermissionError)
     │   ├── TransientStorageError                 retries exhausted on a transient fault
@@ -38,6 +39,7 @@ from __future__ import annotations
 from typing import Any, TypeVar, cast
 
 __all__ = [
+    "BucketNotFoundError",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
@@ -99,6 +101,10 @@ class ObjectNotFoundError(StorageError, FileNotFoundError):
     """The object or prefix does not exist."""
 
 
+class BucketNotFoundError(ObjectNotFoundError):
+    """The bucket does not exist (S3 ``NoSuchBucket``, a GCS 404 on the bucket); never retried."""
+
+
 class ObjectExistsError(StorageError, FileExistsError):
     """An exclusive create found the object already there."""
 
@@ -108,7 +114,14 @@ class StoragePermissionError(StorageError, PermissionError):
 
 
 class TransientStorageError(StorageError):
-    """A transient fault (timeout, 5xx, throttling) persisted past the retry budget."""
+    """A transient fault (timeout, 5xx, throttling), or one that persisted past the retry budget.
+
+    Attributes:
+        retries_exhausted: True when a retry loop already spent its attempts on
+            it, so that an outer layer does not retry it again.
+    """
+
+    retries_exhausted: bool = False
 
 
 class InjectedFault(StorageError):

@@ -106,3 +106,10 @@ def test_save_and_load_log_and_manifest_hold_no_secret(
     for key in storage.walk(""):
         if key.endswith(".json") or key.endswith(".pt") or key.endswith(".safetensors"):
             assert secret.encode() not in storage.read_bytes(key), key
+
+
+def test_a_printed_config_does_not_show_its_storage_options() -> None:
+    from ckptio import CheckpointConfig
+
+    config = CheckpointConfig(output_dir="s3://bucket/run", storage_options={"secret": "sekrit-value-123"})
+    assert "sekrit-value-123" not in repr(config) and "sekrit-value-123" not in str(config)

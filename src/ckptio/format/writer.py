@@ -18,7 +18,6 @@ directory (as the checkpoint manager does) when that matters.
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -39,15 +38,11 @@ from ckptio.format.planner import PARAM_SHARING_KEY, alias_names, make_shard_ind
 from ckptio.format.safetensors_io import check_writable, write_safetensors
 from ckptio.format.sharing import create_sharing_metadata
 from ckptio.format.torch_io import write_torch_file
-from ckptio.storage import (
-    RetryingStorage,
-    RetryPolicy,
-    Storage,
-    StorageWrapper,
-    is_transient,
-)
+from ckptio.storage import RetryPolicy, Storage, is_transient
 from ckptio.storage.integrity import FileRecord, checksum_bytes
+from ckptio.storage.retry import exhausted_error
 from ckptio.storage.transfer import map_concurrently
+from ckptio.storage.wrapper import retrying_storage_of
 
 __all__ = [
     "publish_index",
@@ -110,16 +105,6 @@ def _shard_contents(
     return contents
 
 
-def _retry_policy(storage: Storage) -> RetryPolicy:
-    """The policy of the first :class:`RetryingStorage` in ``storage``'s wrappers, else the default."""
-    current: Storage | None = storage
-    while isinstance(current, StorageWrapper):
-        if isinstance(current, RetryingStorage):
-            return current.policy
-        current = current.inner
-    return RetryPolicy()
-
-
 def write_with_retries(
     storage: Storage,
     key: str,
@@ -136,7 +121,8 @@ def write_with_retries(
         TransientStorageError: the failure was still transient after the
             policy's attempts or deadline (naming the object's URL).
     """
-    policy = _retry_policy(storage)
+    retrying = retrying_storage_of(storage)
+    policy = retrying.policy if retrying is not None else RetryPolicy()
     started = time.monotonic()
     attempt = 0
     while True:
@@ -147,15 +133,19 @@ def write_with_retries(
                 raise
             attempt += 1
             if attempt >= policy.max_attempts or time.monotonic() - started >= policy.deadline:
+                if isinstance(exc, TransientStorageError):
+                    exc.retries_exhausted = True  # spent here: no outer layer retries it again
+                    raise
                 if isinstance(exc, CkptioError):
                     raise
-                raise TransientStorageError(
-                    errno.EIO,
+                raise exhausted_error(
                     f"cannot write {storage.url_of(key)!r}: still failing after {attempt} attempts "
-                    f"({type(exc).__name__}: {exc}); nothing was published under that name",
+                    f"({type(exc).__name__}: {exc}); nothing was published under that name"
                 ) from exc
             delay = policy.delay(attempt - 1)
-            logger.info("writing %s again in %.2fs after a transient failure: %s", storage.url_of(key), delay, exc)
+            logger.debug("writing %s again in %.2fs after a transient failure: %s", storage.url_of(key), delay, exc)
+            if retrying is not None:
+                retrying.count_retry()
             sleep(delay)
 
 

@@ -86,6 +86,7 @@ from ckptio.state import StateComponent, StatefulProvider, World, process_groups
 from ckptio.storage import KnownObjectsStorage, ObjectInfo, Storage, open_storage
 from ckptio.storage.integrity import FileRecord, checksum_bytes
 from ckptio.storage.transfer import run_both
+from ckptio.storage.wrapper import with_retries
 
 __all__ = ["CheckpointManager"]
 
@@ -147,7 +148,9 @@ class CheckpointManager:
         self.config = config
         self.provider = stateful_provider
         self.model = model
-        self.storage: Storage = storage or open_storage(config.output_dir, **(config.storage_options or {}))
+        # Retry at the outermost layer, so that faults raised by wrappers around
+        # the backend (fault injection, counters) are retried like the backend's own.
+        self.storage: Storage = with_retries(storage or self._open(config.output_dir), config.retry)
         self.best_checkpoints: list[BestEntry] = []
         self.best_checkpoint: str | None = None
         self.loaded_manifest: CheckpointManifest | None = None
@@ -219,7 +222,10 @@ class CheckpointManager:
         key = self._key_below_output(path)
         if key is not None:
             return self.storage.child(key)
-        return open_storage(path, **(self.config.storage_options or {}))
+        return with_retries(self._open(path), self.config.retry)
+
+    def _open(self, path: str) -> Storage:
+        return open_storage(path, retry=self.config.retry, **(self.config.storage_options or {}))
 
     # -- saving ------------------------------------------------------------
     def save_checkpoint(

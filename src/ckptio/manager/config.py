@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ckptio.errors import InvalidArgumentError
+from ckptio.storage.retry import RetryPolicy
 
 __all__ = ["CheckpointConfig", "CheckpointInterface"]
 
@@ -48,6 +49,9 @@ class CheckpointConfig:
             the node's interconnect and the wait for it. The model must live on
             a device the process group can send (gloo: CPU; NCCL: CUDA).
             Default False: every rank reads its own copy.
+        retry: how transient storage failures (timeouts, 5xx, throttling,
+            injected transient faults) are retried, on every operation of a
+            save or a load (None: the storage's own policy, else the default).
     """
 
     output_dir: str
@@ -55,10 +59,11 @@ class CheckpointConfig:
     save_safetensors: bool = True
     max_shard_size: int = 2**31
     preserve_n_best: int = 1
-    storage_options: dict[str, Any] | None = None
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)  # credentials: never printed
     verify_checksums_on_load: bool = False
     on_world_size_change: str = "error"
     load_broadcast: bool = False
+    retry: RetryPolicy | None = None
 
     def __post_init__(self) -> None:
         if self.save_total_limit is not None and self.save_total_limit < 1:

@@ -40,6 +40,7 @@ from ckptio.errors import (
 )
 from ckptio.format.ranged_reads import BufferFile, read_object
 from ckptio.format.torch_io import without_zip_checksums
+from ckptio.format.writer import write_with_retries
 from ckptio.storage import Storage, StreamWriter
 from ckptio.storage.integrity import ChecksumWriter, FileRecord
 
@@ -129,20 +130,26 @@ def save_component_state(storage: Storage, file_name: str, state_dict: Any) -> F
             "convert these to tensors, numbers, strings, lists or dicts (or register the type with "
             "torch.serialization.add_safe_globals); nothing was written"
         )
-    writer = ChecksumWriter(storage.open_writer(file_name), file_name)
-    with writer:
-        stream = _StreamFile(writer)
-        try:
-            with without_zip_checksums():  # the manifest holds the file's CRC32C
-                torch.save(state_dict, stream)  # type: ignore[arg-type]  # any object with write()
-        except BaseException as exc:
-            if stream.error is not None and stream.error is not exc:
-                raise stream.error  # noqa: B904 - the storage failure, not torch's follow-up error
-            raise
-    if writer.record is None:  # pragma: no cover - commit always sets it
-        raise RuntimeError(f"writer for {url!r} committed without a record")
-    logger.debug("wrote %s (%d bytes)", url, writer.record.size)
-    return writer.record
+
+    def write_once() -> FileRecord:
+        writer = ChecksumWriter(storage.open_writer(file_name), file_name)
+        with writer:
+            stream = _StreamFile(writer)
+            try:
+                with without_zip_checksums():  # the manifest holds the file's CRC32C
+                    torch.save(state_dict, stream)  # type: ignore[arg-type]  # any object with write()
+            except BaseException as exc:
+                if stream.error is not None and stream.error is not exc:
+                    raise stream.error  # noqa: B904 - the storage failure, not torch's follow-up error
+                raise
+        if writer.record is None:  # pragma: no cover - commit always sets it
+            raise RuntimeError(f"writer for {url!r} committed without a record")
+        return writer.record
+
+    # A stream cannot resume mid-way: a transient failure writes the whole file again.
+    record = write_with_retries(storage, file_name, write_once)
+    logger.debug("wrote %s (%d bytes)", url, record.size)
+    return record
 
 
 def load_component_state(

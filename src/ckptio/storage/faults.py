@@ -82,7 +82,13 @@ class _FaultyWriter(StreamWriter):
         return len(data)
 
     def _commit(self) -> None:
-        self._storage._before(self._key, "commit")
+        try:
+            self._storage._before(self._key, "commit")
+        except Exception:
+            # A failed publish leaves nothing and frees the upload (its buffers, its parts);
+            # a simulated crash (not an Exception) leaves everything as a killed process would.
+            self._inner.abort()
+            raise
         self._inner.commit()
 
     def _abort(self) -> None:

@@ -33,7 +33,7 @@ from ckptio.storage.base import (
 )
 from ckptio.storage.multipart import ParallelUploadWriter, PartSink
 from ckptio.storage.object_uploads import default_part_size, part_sink_for
-from ckptio.storage.retry import RetryPolicy, translate_error
+from ckptio.storage.retry import RetryPolicy, missing_bucket_error, translate_error
 
 __all__ = ["FsspecStorage"]
 
@@ -141,6 +141,12 @@ class FsspecStorage(Storage):
         except Exception as exc:  # noqa: BLE001 - the one place backend errors are translated
             raise translate_error(exc, self.url_of(key), action) from exc
 
+    def _raise_if_no_bucket(self, exc: FileNotFoundError, key: str) -> None:
+        """A missing prefix lists as empty; a missing bucket is an error (never retried)."""
+        missing = missing_bucket_error(exc, self.url_of(key), "list")
+        if missing is not None:
+            raise missing from exc
+
     def child(self, key: str) -> FsspecStorage:
         return FsspecStorage(
             self.fs, self._path(key), protocol=self.protocol, block_size=self.block_size, retry=self.part_retry
@@ -244,7 +250,8 @@ class FsspecStorage(Storage):
         def ls() -> builtins.list[str]:
             try:
                 entries = self.fs.ls(path, detail=False, refresh=True)
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                self._raise_if_no_bucket(exc, prefix)
                 return []
             names = {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries}
             names.discard("")
@@ -268,7 +275,8 @@ class FsspecStorage(Storage):
             try:
                 # One recursive (delimiter-free) paginated listing; its entries carry sizes and times.
                 found = self.fs.find(path, withdirs=False, detail=True)
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                self._raise_if_no_bucket(exc, prefix)
                 return []
             strip = len(path) + 1 if path else 0
             infos = [

@@ -13,12 +13,14 @@ import asyncio
 import errno
 import logging
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from ckptio.errors import (
+    BucketNotFoundError,
     CkptioError,
     ObjectExistsError,
     ObjectNotFoundError,
@@ -28,7 +30,15 @@ from ckptio.errors import (
     TransientStorageError,
 )
 
-__all__ = ["RetryPolicy", "TransientFault", "call_with_retries", "is_transient", "translate_error"]
+__all__ = [
+    "RetryPolicy",
+    "TransientFault",
+    "call_with_retries",
+    "exhausted_error",
+    "is_transient",
+    "missing_bucket_error",
+    "translate_error",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +81,9 @@ _PERMISSION_STATUS = {401, 403}
 _PERMISSION_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"}
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
 _EXISTS_STATUS = {409, 412}
+#: Jitter has its own generator: retries must not advance the global ``random`` state,
+#: which a checkpoint saves and restores as part of the training's RNG state.
+_JITTER = random.Random()
 
 
 
@@ -90,7 +103,7 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         """The sleep before retry number ``attempt + 1``."""
         cap: float = min(self.max_delay, self.base_delay * (2**attempt))
-        return random.uniform(0.0, cap)
+        return _JITTER.uniform(0.0, cap)
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)
@@ -124,6 +137,8 @@ def _causes(exc: BaseException) -> list[BaseException]:
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` is worth retrying (timeouts, 5xx, throttling, resets)."""
     for e in _causes(exc):
+        if isinstance(e, TransientStorageError) and e.retries_exhausted:
+            return False  # another layer already spent its retries: retrying again multiplies them
         if isinstance(e, TransientStorageError | TransientFault):
             return True
         if isinstance(e, CkptioError):
@@ -147,6 +162,9 @@ def translate_error(exc: BaseException, url: str, action: str) -> CkptioError:
     if isinstance(exc, CkptioError):
         return exc
     message = f"cannot {action} {url!r}: {type(exc).__name__}: {exc}"
+    missing_bucket = missing_bucket_error(exc, url, action)
+    if missing_bucket is not None:
+        return missing_bucket
     status, code = _status_and_code(exc)
     if isinstance(exc, FileNotFoundError) or status == 404 or code in _NOT_FOUND_CODES:
         return ObjectNotFoundError(errno.ENOENT, f"cannot {action} {url!r}: no such object")
@@ -160,6 +178,32 @@ def translate_error(exc: BaseException, url: str, action: str) -> CkptioError:
     return StorageError(err, message)
 
 
+#: A GCS JSON API path that 404s only when the bucket is missing (listing objects of ``b/<bucket>``).
+_GCS_BUCKET_PATH = re.compile(r"(?:^|/)b/([^/?]+)/o(?:$|\?)")
+
+
+def missing_bucket_error(exc: BaseException, url: str, action: str) -> BucketNotFoundError | None:
+    """A :class:`BucketNotFoundError` naming ``url`` when ``exc`` says the bucket does not exist, else None.
+
+    S3 answers ``NoSuchBucket`` (s3fs turns it into a ``FileNotFoundError``
+    caused by it); GCS answers 404 to a listing of a missing bucket.
+    """
+    for e in _causes(exc):
+        if isinstance(e, BucketNotFoundError):
+            return e
+        _, code = _status_and_code(e)
+        text = str(e)
+        gcs = _GCS_BUCKET_PATH.search(text) if isinstance(e, FileNotFoundError) else None
+        if code == "NoSuchBucket" or "specified bucket does not exist" in text or gcs is not None:
+            bucket = url.partition("://")[2].split("/", 1)[0] if "://" in url else (gcs.group(1) if gcs else "")
+            return BucketNotFoundError(
+                errno.ENOENT,
+                f"cannot {action} {url!r}: bucket {bucket!r} does not exist; create it or fix the URL "
+                "(nothing was written)",
+            )
+    return None
+
+
 def call_with_retries(
     fn: Callable[[], T],
     *,
@@ -167,8 +211,11 @@ def call_with_retries(
     action: str,
     policy: RetryPolicy,
     sleep: Callable[[float], None] = time.sleep,
+    on_retry: Callable[[], None] | None = None,
 ) -> T:
     """Call ``fn``, retrying transient failures under ``policy``; translate what escapes.
+
+    Each retry is logged at DEBUG and reported to ``on_retry`` (a counter).
 
     Raises:
         TransientStorageError: a transient fault outlasted the attempts or the deadline.
@@ -185,12 +232,20 @@ def call_with_retries(
             out_of_time = time.monotonic() - started >= policy.deadline
             if not transient or attempt >= policy.max_attempts or out_of_time:
                 if transient and policy.max_attempts > 1:
-                    raise TransientStorageError(
-                        errno.EIO,
+                    raise exhausted_error(
                         f"cannot {action} {url!r}: still failing after {attempt} attempts "
-                        f"({type(exc).__name__}: {exc})",
+                        f"({type(exc).__name__}: {exc})"
                     ) from exc
                 raise translate_error(exc, url, action) from exc
             delay = policy.delay(attempt - 1)
             logger.debug("retrying %s %s in %.2fs after %r", action, url, delay, exc)
+            if on_retry is not None:
+                on_retry()
             sleep(delay)
+
+
+def exhausted_error(message: str) -> TransientStorageError:
+    """A :class:`TransientStorageError` whose retries are spent: no outer layer retries it again."""
+    error = TransientStorageError(errno.EIO, message)
+    error.retries_exhausted = True
+    return error

@@ -19,9 +19,17 @@ from typing import TypeVar
 
 from ckptio.errors import ObjectNotFoundError
 from ckptio.storage.base import ObjectInfo, Storage, StreamWriter, normalize_key
-from ckptio.storage.retry import RetryPolicy, call_with_retries
+from ckptio.storage.retry import RetryPolicy, call_with_retries, translate_error
 
-__all__ = ["CountingStorage", "KnownObjectsStorage", "RetryingStorage", "StorageWrapper"]
+__all__ = [
+    "CountingStorage",
+    "KnownObjectsStorage",
+    "RetryingStorage",
+    "StorageWrapper",
+    "retry_policy_of",
+    "retrying_storage_of",
+    "with_retries",
+]
 
 T = TypeVar("T")
 
@@ -94,29 +102,81 @@ class StorageWrapper(Storage):
         return self.inner.is_remote
 
 
+class _TranslatingWriter(StreamWriter):
+    """Raises what the inner writer raises as a :mod:`ckptio.errors` error naming the object's URL.
+
+    A stream cannot be retried part by part from here; a transient failure
+    surfaces as a (retryable) ``TransientStorageError`` so that the caller
+    can write the whole object again (:func:`ckptio.format.writer.write_with_retries`).
+    """
+
+    def __init__(self, inner: StreamWriter) -> None:
+        super().__init__(inner.url)
+        #: The backend's writer.
+        self.inner = inner
+
+    def _write(self, data: memoryview) -> int:
+        try:
+            return self.inner.write(data)
+        except Exception as exc:  # noqa: BLE001 - translated, chained
+            raise translate_error(exc, self.url, "write") from exc
+
+    def _commit(self) -> None:
+        try:
+            self.inner.commit()
+        except Exception as exc:  # noqa: BLE001 - translated, chained
+            raise translate_error(exc, self.url, "publish") from exc
+
+    def _abort(self) -> None:
+        self.inner.abort()
+
+
 class RetryingStorage(StorageWrapper):
     """Retries transient failures of every whole operation under a :class:`RetryPolicy`.
 
     Streaming writers are not retried part by part: a failed stream is aborted
-    (nothing is published) and the error reaches the caller, who may write the
-    object again.
+    (nothing is published) and the error reaches the caller as a ckptio error
+    (a transient one stays retryable), who may write the object again.
+
+    ``retries`` counts the retries made through this wrapper and its children.
     """
 
-    def __init__(self, inner: Storage, policy: RetryPolicy | None = None) -> None:
+    def __init__(
+        self, inner: Storage, policy: RetryPolicy | None = None, *, _root: RetryingStorage | None = None
+    ) -> None:
         super().__init__(inner)
         self.policy = policy or RetryPolicy()
+        self._root = _root
+        self._lock = threading.Lock()
+        self._retries = 0
 
     def rewrap(self, inner: Storage) -> RetryingStorage:
-        return RetryingStorage(inner, self.policy)
+        return RetryingStorage(inner, self.policy, _root=self._counter())
+
+    def _counter(self) -> RetryingStorage:
+        return self._root._counter() if self._root is not None else self
+
+    @property
+    def retries(self) -> int:
+        """Retries made so far through this wrapper and its children (whole-object rewrites included)."""
+        return self._counter()._retries
+
+    def count_retry(self) -> None:
+        """Record one retry (called by every retry loop that uses this wrapper's policy)."""
+        root = self._counter()
+        with root._lock:
+            root._retries += 1
 
     def _retry(self, key: str, action: str, fn: Callable[[], T]) -> T:
-        return call_with_retries(fn, url=self.url_of(key), action=action, policy=self.policy)
+        return call_with_retries(
+            fn, url=self.url_of(key), action=action, policy=self.policy, on_retry=self.count_retry
+        )
+
+    def open_writer(self, key: str) -> StreamWriter:
+        return _TranslatingWriter(self._retry(key, "open writer for", lambda: self.inner.open_writer(key)))
 
     def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
         self._retry(key, "write", lambda: self.inner.write_bytes(key, data))
-
-    def open_writer(self, key: str) -> StreamWriter:
-        return self._retry(key, "open writer for", lambda: self.inner.open_writer(key))
 
     def create_exclusive(self, key: str, data: bytes) -> None:
         self._retry(key, "create", lambda: self.inner.create_exclusive(key, data))
@@ -153,6 +213,36 @@ class RetryingStorage(StorageWrapper):
 
     def delete_prefix(self, prefix: str) -> None:
         self._retry(prefix, "delete", lambda: self.inner.delete_prefix(prefix))
+
+
+def retrying_storage_of(storage: Storage) -> RetryingStorage | None:
+    """The outermost :class:`RetryingStorage` among ``storage``'s wrappers, or None."""
+    current: Storage | None = storage
+    while isinstance(current, StorageWrapper):
+        if isinstance(current, RetryingStorage):
+            return current
+        current = current.inner
+    return None
+
+
+def retry_policy_of(storage: Storage) -> RetryPolicy:
+    """The policy of the outermost :class:`RetryingStorage` in ``storage``'s wrappers, else the default."""
+    found = retrying_storage_of(storage)
+    return found.policy if found is not None else RetryPolicy()
+
+
+def with_retries(storage: Storage, policy: RetryPolicy | None = None) -> RetryingStorage:
+    """``storage`` itself when its outermost layer retries, else ``storage`` wrapped in a :class:`RetryingStorage`.
+
+    Faults raised by a wrapper *around* a retrying backend (a
+    :class:`~ckptio.storage.FaultInjectingStorage` around ``open_storage(...)``)
+    would otherwise reach the caller unretried. The new wrapper uses
+    ``policy``, else the policy of a retrying layer inside, else the default.
+    Errors whose retries an inner layer already spent are not retried again.
+    """
+    if isinstance(storage, RetryingStorage) and (policy is None or policy == storage.policy):
+        return storage
+    return RetryingStorage(storage, policy or retry_policy_of(storage))
 
 
 class _CountingWriter(StreamWriter):
