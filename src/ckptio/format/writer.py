@@ -132,7 +132,7 @@ def write_with_retries(
             if not is_transient(exc):
                 raise
             attempt += 1
-            if attempt >= policy.max_attempts or time.monotonic() - started >= policy.deadline:
+            if policy.gives_up(attempt, started):
                 if isinstance(exc, TransientStorageError):
                     exc.retries_exhausted = True  # spent here: no outer layer retries it again
                     raise

@@ -195,11 +195,7 @@ async def _with_retries(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, wha
             return await fn()
         except Exception as exc:
             attempt += 1
-            if (
-                not is_transient(exc)
-                or attempt >= policy.max_attempts
-                or time.monotonic() - started >= policy.deadline
-            ):
+            if not is_transient(exc) or policy.gives_up(attempt, started):
                 raise
             delay = policy.delay(attempt - 1)
             logger.debug("retrying %s in %.2fs after %r", what, delay, exc)

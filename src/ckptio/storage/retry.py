@@ -100,6 +100,11 @@ class RetryPolicy:
     max_delay: float = 5.0
     deadline: float = 120.0
 
+    def gives_up(self, attempts: int, started: float) -> bool:
+        """Whether ``attempts`` failed attempts since ``started`` (``time.monotonic()``) are all
+        this policy allows: the attempts or the deadline are spent."""
+        return attempts >= self.max_attempts or time.monotonic() - started >= self.deadline
+
     def delay(self, attempt: int) -> float:
         """The sleep before retry number ``attempt + 1``."""
         cap: float = min(self.max_delay, self.base_delay * (2**attempt))
@@ -229,8 +234,7 @@ def call_with_retries(
         except Exception as exc:  # noqa: BLE001 - every backend error is translated here
             transient = is_transient(exc)
             attempt += 1
-            out_of_time = time.monotonic() - started >= policy.deadline
-            if not transient or attempt >= policy.max_attempts or out_of_time:
+            if not transient or policy.gives_up(attempt, started):
                 if transient and policy.max_attempts > 1:
                     raise exhausted_error(
                         f"cannot {action} {url!r}: still failing after {attempt} attempts "
