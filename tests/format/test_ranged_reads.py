@@ -10,8 +10,9 @@ import torch
 
 from ckptio.errors import CorruptCheckpointError
 from ckptio.format import ranged_reads
-from ckptio.format.ranged_reads import BufferFile, plan_ranges, read_into, read_object
+from ckptio.format.ranged_reads import plan_ranges, read_into, read_object
 from ckptio.storage import CountingStorage, Storage
+from ckptio.storage.view_file import ViewFile
 
 
 def test_touching_ranges_merge_up_to_the_size_and_big_ones_split() -> None:
@@ -63,9 +64,9 @@ def test_an_empty_object_reads_as_empty(storage: Storage) -> None:
     assert bytes(read_object(storage, "empty", threshold=1000)) == b""
 
 
-def test_buffer_file_reads_and_seeks_without_copying_the_buffer() -> None:
+def test_view_file_reads_and_seeks_without_copying_the_buffer() -> None:
     data = bytearray(b"0123456789")
-    with BufferFile(data) as file:
+    with ViewFile(data) as file:
         assert file.read(3) == b"012"
         assert file.seek(-2, io.SEEK_END) == 8 and file.read() == b"89"
         assert file.seek(1) == 1 and file.tell() == 1 and file.read(100) == b"123456789"
@@ -74,7 +75,7 @@ def test_buffer_file_reads_and_seeks_without_copying_the_buffer() -> None:
             file.seek(-1)
     buffer = io.BytesIO()
     torch.save({"w": torch.arange(6)}, buffer)
-    assert torch.equal(torch.load(BufferFile(buffer.getvalue()), weights_only=True)["w"], torch.arange(6))
+    assert torch.equal(torch.load(ViewFile(buffer.getvalue()), weights_only=True)["w"], torch.arange(6))
 
 
 def test_a_known_size_fetches_every_range_at_once_without_a_stat(storage: Storage) -> None:

@@ -14,9 +14,7 @@ object naming its URL, never silently zero-filled.
 from __future__ import annotations
 
 import bisect
-import io
 from collections.abc import Sequence
-from typing import Any
 
 from ckptio.errors import CorruptCheckpointError, StorageError
 from ckptio.storage import Storage
@@ -26,7 +24,6 @@ __all__ = [
     "PARALLEL_READ_THRESHOLD",
     "RANGE_WORKERS",
     "READ_RANGE_SIZE",
-    "BufferFile",
     "MIN_RANGE_SIZE",
     "plan_ranges",
     "read_into",
@@ -197,39 +194,3 @@ def read_object(
     del head
     read_into(storage, key, [(limit, view[limit:])], range_size=range_size, workers=workers)
     return buffer
-
-
-class BufferFile(io.RawIOBase):
-    """A read-only, seekable file over a bytes-like object, without copying it (unlike ``BytesIO``)."""
-
-    def __init__(self, data: bytes | bytearray | memoryview) -> None:
-        super().__init__()
-        self._view = memoryview(data).cast("B")
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        target = memoryview(buffer).cast("B")
-        chunk = self._view[self._pos : self._pos + target.nbytes]
-        target[: chunk.nbytes] = chunk
-        self._pos += chunk.nbytes
-        return chunk.nbytes
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._view.nbytes}[whence]
-        if base + offset < 0:
-            raise ValueError(f"negative seek position {base + offset}")
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def close(self) -> None:
-        self._view.release()
-        super().close()

@@ -25,10 +25,11 @@ import torch
 import torch.utils.serialization
 
 from ckptio.errors import CkptioError, CorruptCheckpointError
-from ckptio.format.ranged_reads import BufferFile, read_object
+from ckptio.format.ranged_reads import read_object
 from ckptio.storage import Storage, StreamWriter
 from ckptio.storage.integrity import ChecksumWriter, FileRecord
 from ckptio.storage.retry import translate_error
+from ckptio.storage.view_file import ViewFile
 
 __all__ = ["read_torch_file", "write_torch_file"]
 
@@ -170,8 +171,11 @@ def read_torch_file(
             is_zip = file.read(4) == _ZIP_MAGIC
         loaded = _load(path, url, device, mmap=is_zip)
     else:
-        with BufferFile(read_object(storage, key, size=size)) as file:
-            loaded = _load(cast(IO[bytes], file), url, device, mmap=False)
+        downloaded = ViewFile(read_object(storage, key, size=size))
+        try:
+            loaded = _load(cast(IO[bytes], downloaded), url, device, mmap=False)
+        finally:
+            downloaded.release()  # the downloaded object, now
     if not isinstance(loaded, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
     ):

@@ -38,11 +38,12 @@ from ckptio.errors import (
     InvalidArgumentError,
     ObjectNotFoundError,
 )
-from ckptio.format.ranged_reads import BufferFile, read_object
+from ckptio.format.ranged_reads import read_object
 from ckptio.format.torch_io import without_zip_checksums
 from ckptio.format.writer import write_with_retries
 from ckptio.storage import Storage, StreamWriter
 from ckptio.storage.integrity import ChecksumWriter, FileRecord
+from ckptio.storage.view_file import ViewFile
 
 __all__ = ["load_component_state", "save_component_state", "unloadable_values"]
 
@@ -181,7 +182,7 @@ def load_component_state(
             source = path
         else:
             # Big files (optimizer state) come over several connections, into one buffer.
-            source = cast(IO[bytes], BufferFile(read_object(storage, file_name, size=size)))
+            source = cast(IO[bytes], ViewFile(read_object(storage, file_name, size=size)))
     except ObjectNotFoundError as exc:
         raise IncompleteCheckpointError(
             f"cannot load component state {url!r}: the file does not exist; the checkpoint is incomplete"
@@ -200,7 +201,7 @@ def load_component_state(
             f"({type(exc).__name__}: {exc}); the file was not modified"
         ) from exc
     finally:
-        if not isinstance(source, str):
-            source.close()  # releases the downloaded buffer now, not at the next collection
+        if isinstance(source, ViewFile):
+            source.release()  # the downloaded buffer, now, not at the next collection
     logger.debug("read %s", url)
     return state

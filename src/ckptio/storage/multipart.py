@@ -18,7 +18,7 @@ Guarantees:
 * Memory: every part buffer of every writer in the process is drawn from one
   :class:`UploadBudget` (192 MiB by default), so extra memory stays bounded
   whatever the checkpoint size or the number of objects written at once.
-  Parts are sent as file bodies (:class:`PartBody`), which HTTP clients
+  Parts are sent as file bodies (:class:`~ckptio.storage.view_file.ViewFile`), which HTTP clients
   stream instead of copying, so a buffer is the whole cost of a part.
 * A part that fails transiently is retried on its own (the buffer is kept
   until it is stored). A writer that cannot complete aborts the upload and
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import io
 import logging
 import mmap
 import threading
@@ -49,7 +48,6 @@ __all__ = [
     "DEFAULT_UPLOAD_BUDGET",
     "MAX_PARTS",
     "ParallelUploadWriter",
-    "PartBody",
     "PartSink",
     "UploadBudget",
     "part_size_for",
@@ -109,57 +107,13 @@ class UploadBudget:
 DEFAULT_UPLOAD_BUDGET = UploadBudget(192 * 2**20)
 
 
-class PartBody(io.RawIOBase):
-    """A part's bytes as a read-only, seekable file, so an HTTP client streams them.
-
-    Handed a ``bytes``-like body, botocore and aiohttp copy it (twice for a
-    ``bytearray``), and the socket transport keeps a third copy of whatever
-    the server has not yet taken; a file body is read in small chunks.
-    """
-
-    def __init__(self, data: memoryview) -> None:
-        super().__init__()
-        self._data = data
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._data.nbytes}[whence]
-        self._pos = min(max(0, base + offset), self._data.nbytes)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        n = min(view.nbytes, self._data.nbytes - self._pos)
-        view[:n] = self._data[self._pos : self._pos + n]
-        self._pos += n
-        return n
-
-    def read(self, size: int | None = -1) -> bytes:
-        end = self._data.nbytes if size is None or size < 0 else min(self._data.nbytes, self._pos + size)
-        chunk = bytes(self._data[self._pos : end])
-        self._pos = end
-        return chunk
-
-    def __len__(self) -> int:
-        return self._data.nbytes
-
-
 class PartSink(ABC):
     """The backend side of one object uploaded in parts; every method is a coroutine.
 
     Parts are numbered from 1 and may arrive in any order; ``complete``
     receives the tokens ``put_part`` returned, in part order. The ``data``
     views are valid only until the call returns: send them as a
-    :class:`PartBody` (a fresh one per attempt), never keep them.
+    :class:`~ckptio.storage.view_file.ViewFile` (a fresh one per attempt), never keep them.
     """
 
     #: Parts after which the part size doubles (up to 4x), or 0 for a constant size.

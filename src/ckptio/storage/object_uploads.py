@@ -31,7 +31,8 @@ from typing import Any
 from urllib.parse import quote
 
 from ckptio.storage.base import TEMP_PREFIX
-from ckptio.storage.multipart import PartBody, PartSink
+from ckptio.storage.multipart import PartSink
+from ckptio.storage.view_file import ViewFile
 
 __all__ = ["PART_SUFFIX", "GCSComposeSink", "S3MultipartSink", "default_part_size", "part_sink_for"]
 
@@ -56,7 +57,7 @@ class S3MultipartSink(PartSink):
         self._upload_id: str | None = None
 
     async def put_whole(self, data: memoryview) -> None:
-        await self._fs._call_s3("put_object", Bucket=self._bucket, Key=self._key, Body=PartBody(data))
+        await self._fs._call_s3("put_object", Bucket=self._bucket, Key=self._key, Body=ViewFile(data))
 
     async def start(self) -> None:
         created = await self._fs._call_s3("create_multipart_upload", Bucket=self._bucket, Key=self._key)
@@ -64,7 +65,7 @@ class S3MultipartSink(PartSink):
 
     async def put_part(self, number: int, data: memoryview) -> Any:
         stored = await self._fs._call_s3(
-            "upload_part", Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, PartNumber=number, Body=PartBody(data)
+            "upload_part", Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, PartNumber=number, Body=ViewFile(data)
         )
         return {"PartNumber": number, "ETag": stored["ETag"]}
 
@@ -143,7 +144,7 @@ class GCSComposeSink(PartSink):
             f"{self._fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
             uploadType="media",
             name=key,
-            data=PartBody(data),
+            data=ViewFile(data),
             headers={"Content-Type": "application/octet-stream"},
             json_out=True,
         )
