@@ -14,6 +14,7 @@ also inherit the builtin they refine, so callers that already catch
     │   └── InjectedFault                         a permanent fault from FaultInjectingStorage
     ├── MissingDependencyError (ImportError)   an optional extra is not installed
     ├── InvalidArgumentError (ValueError)      the caller passed something unusable
+    ├── InsufficientMemoryError (MemoryError)  an async save's staging copy would not fit in host memory
     └── CheckpointError                        a checkpoint cannot be used
         ├── CheckpointNotFoundError (FileNotFoundError)  nothing to resume from
         ├── CheckpointExistsError (FileExistsError)  refusing to overwrite a complete one
@@ -47,6 +48,7 @@ __all__ = [
     "CorruptCheckpointError",
     "IncompleteCheckpointError",
     "InjectedFault",
+    "InsufficientMemoryError",
     "InvalidArgumentError",
     "MissingComponentWarning",
     "MissingDependencyError",
@@ -134,6 +136,10 @@ class MissingDependencyError(CkptioError, ImportError):
 
 class InvalidArgumentError(CkptioError, ValueError):
     """An argument cannot be used as given."""
+
+
+class InsufficientMemoryError(CkptioError, MemoryError):
+    """Host memory cannot hold what an operation must copy (an async save's staging copy)."""
 
 
 class CheckpointError(CkptioError):

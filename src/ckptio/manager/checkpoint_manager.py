@@ -19,15 +19,25 @@ A crash anywhere before step 3 leaves a directory that discovery treats as
 incomplete, so ``load_checkpoint(None)`` resumes from the previous complete
 checkpoint. Nothing is ever renamed, so the protocol is the same on local disk
 and on object stores.
+
+An asynchronous save (``CheckpointConfig.async_save``) takes every rank's
+state on the caller's thread (component ``state_dict()`` calls and the
+replication checks are collectives of the training loop's process group) and
+stages it into host buffers (:class:`~ckptio.state.staging.StateStager`); the
+ranks agree that every one of them staged, and the steps above then run on a
+background thread (:mod:`ckptio.manager.background`), whose exchanges between
+ranks go over a gloo process group of their own, so they never interleave with
+the training loop's collectives.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from types import TracebackType
+from typing import Any
 
 import torch
 
@@ -65,16 +75,24 @@ from ckptio.errors import (
     InvalidArgumentError,
     StorageError,
 )
-from ckptio.format import read_model_weights, write_model_weights
+from ckptio.format import (
+    create_sharing_metadata,
+    read_model_weights,
+    write_model_weights,
+)
+from ckptio.format.writer import state_dict_of
+from ckptio.manager.background import BackgroundSave
 from ckptio.manager.broadcast import load_weights_per_node
 from ckptio.manager.components import (
     ComponentFile,
+    PendingComponent,
     load_components,
     manifest_entries,
-    save_components,
+    take_component_states,
+    write_component_states,
 )
 from ckptio.manager.config import CheckpointConfig
-from ckptio.manager.failures import RankFailure, error_for
+from ckptio.manager.failures import on_every_rank, on_rank0
 from ckptio.manager.model_dir import save_model_directory
 from ckptio.manager.weights import (
     WeightsPlan,
@@ -83,8 +101,10 @@ from ckptio.manager.weights import (
     write_weights_share,
 )
 from ckptio.state import StateComponent, StatefulProvider, World, process_groups_of
+from ckptio.state.staging import StateStager
 from ckptio.storage import KnownObjectsStorage, ObjectInfo, Storage, open_storage
 from ckptio.storage.integrity import FileRecord, checksum_bytes
+from ckptio.storage.multipart import DEFAULT_UPLOAD_BUDGET
 from ckptio.storage.transfer import run_both
 from ckptio.storage.wrapper import with_retries
 
@@ -92,18 +112,38 @@ __all__ = ["CheckpointManager"]
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 #: Manifest metadata key of the checkpoint marked with :meth:`CheckpointManager.set_best_checkpoint`.
 _BEST_MARK = "best_checkpoint"
+_SAVE_SAFE = "earlier checkpoints are intact"
+#: Host memory an async save leaves free besides its staging copy (256 MiB).
+_STAGING_MARGIN = 256 * 2**20
 
 
 @dataclass
 class _Outcome:
-    """What one rank reports after writing: its files, or why it failed."""
+    """What one rank reports after writing: its files."""
 
     weights: list[FileRecord] = field(default_factory=list)
     components: list[ComponentFile] = field(default_factory=list)
-    failure: RankFailure | None = None
+
+
+@dataclass(frozen=True)
+class _SaveState:
+    """What one rank writes: model weights (None: no model), their ties, and its component states."""
+
+    weights: Mapping[str, torch.Tensor] | None
+    sharing: list[list[str]] | None
+    components: list[PendingComponent]
+
+
+@dataclass(frozen=True)
+class _Ledger:
+    """The manager's bookkeeping as it was when a save was asked for (a background save must not see later changes)."""
+
+    best_checkpoints: list[BestEntry]
+    best_checkpoint: str | None
+    preserved: set[str]
+    metrics: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -154,6 +194,46 @@ class CheckpointManager:
         self.best_checkpoints: list[BestEntry] = []
         self.best_checkpoint: str | None = None
         self.loaded_manifest: CheckpointManifest | None = None
+        self._background = BackgroundSave()
+        self._background_world: World | None = None
+        # An async save holds one copy of the state, plus (on object stores) the upload part buffers
+        # and a margin for the training step's own allocations.
+        reserve = _STAGING_MARGIN + (DEFAULT_UPLOAD_BUDGET.limit if self.storage.is_remote else 0)
+        self._stager = StateStager(reserve=reserve)
+
+    # -- lifecycle -----------------------------------------------------------
+    def wait_until_finished(self) -> None:
+        """Block until the pending asynchronous save is committed; raise its error (once).
+
+        Returns at once when no save is pending (always, without ``async_save``).
+
+        Raises:
+            CkptioError: the pending save failed; it names the checkpoint, which
+                was not committed (earlier checkpoints are intact).
+        """
+        self._background.wait()
+
+    def close(self) -> None:
+        """Wait for the pending save (raising its error), then release the background
+        thread and the staging buffers. The manager can still be used afterwards."""
+        try:
+            self._background.close()
+        finally:
+            self._stager.release()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # an exception is already on its way: report a failed save without masking it
+            self.close()
+        except Exception as close_error:  # noqa: BLE001 - logged; the original exception propagates
+            logger.error("while handling %s: %s", exc_type.__name__, close_error)
 
     # -- helpers -----------------------------------------------------------
     def _world(self) -> World:
@@ -165,36 +245,6 @@ class CheckpointManager:
     def _unwrapped_model(self) -> torch.nn.Module | None:
         model = self.model
         return getattr(model, "module", model) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-    def _on_rank0(self, world: World, fn: Callable[[], T], *, action: str, safe: str) -> T:
-        """Run ``fn`` on rank 0 and share its result; if it raised, every rank raises the same error class."""
-        if world.world_size == 1:
-            return fn()
-        outcome: tuple[Any, RankFailure | None] = (None, None)
-        if world.rank == 0:
-            try:
-                outcome = (fn(), None)
-            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-                outcome = (None, RankFailure.capture(0, exc))
-        result, failure = world.broadcast_object(outcome, src=0)
-        if failure is not None:
-            raise error_for([failure], action=action, safe=safe)
-        return result  # type: ignore[no-any-return]
-
-    def _on_every_rank(self, world: World, fn: Callable[[], T], *, action: str, safe: str) -> list[T]:
-        """Run ``fn`` on every rank and gather the results; if any rank raised, every rank raises."""
-        if world.world_size == 1:
-            return [fn()]
-        outcome: tuple[Any, RankFailure | None] = (None, None)
-        try:
-            outcome = (fn(), None)
-        except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised
-            outcome = (None, RankFailure.capture(world.rank, exc))
-        gathered = world.all_gather_object(outcome)
-        failures = [f for _, f in gathered if f is not None]
-        if failures:
-            raise error_for(failures, action=action, safe=safe)
-        return [r for r, _ in gathered]
 
     def _key_below_output(self, path: str) -> str | None:
         """``path`` relative to the output dir, or None when it lies elsewhere."""
@@ -247,50 +297,111 @@ class CheckpointManager:
         Requests: rank 0 lists ``checkpoints/`` once (reading only manifests
         it has not seen before) and the target once; no rank stats a file.
 
+        With ``config.async_save`` it returns once the state is staged (copied
+        into host buffers): the files and the manifest are written in the
+        background, and changing the model or any component afterwards does
+        not change what this checkpoint holds. A pending save is waited for
+        first, and its error raised here instead of saving.
+
         Raises:
             CkptioError: on every rank, of the class the failing rank raised,
                 naming that rank; earlier checkpoints are intact.
+            InsufficientMemoryError: (async) the staging copy would not fit in
+                host memory; nothing was written.
         """
+        self._background.wait()
         started = time.monotonic()
         world = self._world()
-        safe = "earlier checkpoints are intact"
-        plan = self._on_rank0(
+        plan = on_rank0(
             world,
             lambda: self._plan_save(checkpoint_path, checkpoint_id, world),
             action="cannot save a checkpoint",
-            safe=safe,
+            safe=_SAVE_SAFE,
         )
+        ledger = _Ledger(list(self.best_checkpoints), self.best_checkpoint, self._preserved(), dict(metrics or {}))
+        if not self.config.async_save:
+            self._write_and_commit(world, plan, ledger, lambda: self._take_state(world, plan.path, stage=False))
+            logger.info("saved checkpoint %s in %.2fs", plan.path, time.monotonic() - started)
+            return plan.path
+        # Asynchronous: take and stage the state here (collectives on this thread), agree that every
+        # rank staged it, then write and commit in the background, exchanging on a group of its own.
+        staged = on_every_rank(
+            world,
+            lambda: self._take_state(world, plan.path, stage=True),
+            action=f"cannot save {plan.path!r}",
+            safe=_SAVE_SAFE,
+            share=False,
+        )[0]
+        if self._background_world is None:
+            self._background_world = world.on_own_group()
+        background_world = self._background_world
+
+        def write_and_commit() -> None:
+            self._write_and_commit(background_world, plan, ledger, lambda: staged)
+            logger.info("saved checkpoint %s in %.2fs (asynchronously)", plan.path, time.monotonic() - started)
+
+        self._background.start(plan.path, write_and_commit)
+        logger.debug("staged checkpoint %s in %.2fs; writing it in the background", plan.path,
+                     time.monotonic() - started)
+        return plan.path
+
+    def _take_state(self, world: World, path: str, *, stage: bool) -> _SaveState:
+        """This rank's model weights and component states; with ``stage``, private copies of them."""
+        model = self._unwrapped_model()
+        weights = state_dict_of(model) if model is not None else None
+        sharing = create_sharing_metadata(model) if model is not None else None
+        components = take_component_states(self._components(), world)
+        if not stage:
+            return _SaveState(weights, sharing, components)
+        parts: dict[str, Any] = {"components": [c.state for c in components]}
+        if weights is not None:
+            parts["weights"] = weights
+        started = time.monotonic()
+        copied = self._stager.stage(parts, what=repr(path))
+        logger.debug("staged %d bytes of state in %.3fs", self._stager.nbytes, time.monotonic() - started)
+        states = copied["components"]
+        staged_components = [replace(c, state=state) for c, state in zip(components, states, strict=True)]
+        return _SaveState(copied.get("weights"), sharing, staged_components)
+
+    def _write_and_commit(
+        self, world: World, plan: _SavePlan, ledger: _Ledger, take_state: Callable[[], _SaveState]
+    ) -> None:
+        """Steps 1-4 of the protocol: marker, every rank's files, manifest last, rotation."""
         path = plan.path
         storage = self._checkpoint_storage(path)
         action = f"cannot save {path!r}"
-        self._on_rank0(world, lambda: self._begin(storage, path, world, plan.target_objects), action=action, safe=safe)
-
-        def write_weights() -> list[FileRecord]:
-            model = self._unwrapped_model()
-            if plan.weights is not None and model is not None:
-                return write_weights_share(storage, plan.weights, model, world.rank)
-            return self._write_weights(storage) if world.rank == 0 else []
+        on_rank0(world, lambda: self._begin(storage, path, world, plan.target_objects), action=action, safe=_SAVE_SAFE)
 
         def write() -> _Outcome:
+            state = take_state()
+
+            def write_weights() -> list[FileRecord]:
+                if state.weights is None:
+                    return []
+                if plan.weights is not None:
+                    return write_weights_share(storage, plan.weights, state.weights, world.rank)
+                return self._write_weights(storage, state.weights, state.sharing) if world.rank == 0 else []
+
             # On object stores the weights upload on a thread of their own while the components
-            # upload here. Only this thread runs collectives (the components' replication checks),
-            # and it never waits on the weights: a failed weight upload cannot strand another rank.
+            # upload here. Only this thread runs collectives (taking the components' state checks
+            # replication), and it never waits on the weights: a failed weight upload cannot strand
+            # another rank.
             weights, components = run_both(
                 write_weights,
-                lambda: save_components(storage, self._components(), world),
+                lambda: write_component_states(storage, state.components),
                 concurrently=storage.is_remote,
             )
             return _Outcome(weights=weights, components=components)
 
-        outcomes = self._on_every_rank(world, write, action=action, safe=safe)
+        outcomes = on_every_rank(world, write, action=action, safe=_SAVE_SAFE)
 
         def commit() -> int:
             written = [c for o in outcomes for c in o.components]
             files = [r for o in outcomes for r in o.weights] + [c.record for c in written]
             if plan.weights is not None:  # every rank's shards are written: the index may name them now
                 files.append(publish_weights_index(storage, plan.weights, files))
-            if metrics:
-                files.append(self._write_metrics(storage, metrics))
+            if ledger.metrics:
+                files.append(self._write_metrics(storage, ledger.metrics))
             manifest = CheckpointManifest(
                 checkpoint_path=self._relative(path),
                 world_size=world.world_size,
@@ -300,18 +411,17 @@ class CheckpointManager:
                 checkpoint_id=parse_checkpoint_id(location_name(path)),
                 library_version=__version__,
                 torch_version=torch.__version__,
-                best_checkpoints=[e.to_json() for e in self.best_checkpoints],
+                best_checkpoints=[e.to_json() for e in ledger.best_checkpoints],
                 files=sorted(files, key=lambda r: r.path),
-                metadata={_BEST_MARK: self.best_checkpoint} if self.best_checkpoint else {},
+                metadata={_BEST_MARK: ledger.best_checkpoint} if ledger.best_checkpoint else {},
             )
             commit_checkpoint(storage, manifest)
-            self._rotate(path, manifest, plan.entries)
+            self._rotate(path, manifest, plan.entries, ledger.preserved)
             return sum(r.size for r in files)
 
-        total = self._on_rank0(world, commit, action=action, safe=safe)
+        total = on_rank0(world, commit, action=action, safe=_SAVE_SAFE)
         world.barrier()
-        logger.info("saved checkpoint %s (%s bytes) in %.2fs", path, total, time.monotonic() - started)
-        return path
+        logger.debug("committed checkpoint %s (%s bytes)", path, total)
 
     def _plan_save(self, checkpoint_path: str | None, checkpoint_id: int | str | None, world: World) -> _SavePlan:
         """Where the save goes, (when rotation follows) the run's checkpoints: one listing,
@@ -366,12 +476,15 @@ class CheckpointManager:
         number = parse_checkpoint_id(name)
         begin_checkpoint(storage, checkpoint_id=name if number is None else number, world_size=world.world_size)
 
-    def _write_weights(self, storage: Storage) -> list[FileRecord]:
-        model = self._unwrapped_model()
-        if model is None:
-            return []
+    def _write_weights(
+        self, storage: Storage, weights: Mapping[str, torch.Tensor], sharing: list[list[str]] | None
+    ) -> list[FileRecord]:
         return write_model_weights(
-            storage, model, safetensors=self.config.save_safetensors, max_shard_size=self.config.max_shard_size
+            storage,
+            weights,
+            safetensors=self.config.save_safetensors,
+            max_shard_size=self.config.max_shard_size,
+            param_sharing_metadata=sharing,
         )
 
     def _write_metrics(self, storage: Storage, metrics: dict[str, float]) -> FileRecord:
@@ -389,7 +502,13 @@ class CheckpointManager:
             preserved.add(self.best_checkpoint)
         return preserved
 
-    def _rotate(self, committed_path: str, manifest: CheckpointManifest, entries: list[CheckpointEntry] | None) -> None:
+    def _rotate(
+        self,
+        committed_path: str,
+        manifest: CheckpointManifest,
+        entries: list[CheckpointEntry] | None,
+        preserved: set[str],
+    ) -> None:
         """Rotate with the listing made before the save, plus the checkpoint just committed."""
         limit = self.config.save_total_limit
         if limit is None or entries is None or not self._is_run_checkpoint(committed_path):
@@ -407,7 +526,7 @@ class CheckpointManager:
         )
         current = [e for e in entries if e.name != name] + [committed]
         try:
-            deleted = rotate_checkpoints(self.storage, current, keep=limit, preserved=self._preserved())
+            deleted = rotate_checkpoints(self.storage, current, keep=limit, preserved=preserved)
         except StorageError as exc:  # the new checkpoint is committed; rotation retries next save
             logger.warning("checkpoint %s is committed; rotating older ones failed: %s", committed_path, exc)
             return
@@ -423,6 +542,7 @@ class CheckpointManager:
         a path or URL is taken as given. An explicit checkpoint that is not a
         valid (complete) checkpoint gives None and a warning, as in the seed design.
         """
+        self._background.wait()
         if checkpoint_path is None:
             return find_latest_checkpoint(self.storage)
         path = self._locate(checkpoint_path)
@@ -473,10 +593,11 @@ class CheckpointManager:
             IncompleteCheckpointError: the checkpoint asked for is incomplete.
             CorruptCheckpointError: checksums (when verified) or content are wrong.
         """
+        self._background.wait()
         started = time.monotonic()
         world = self._world()
         safe = "nothing was changed on storage"
-        path, manifest = self._on_rank0(
+        path, manifest = on_rank0(
             world, lambda: self._find_loadable(checkpoint_path), action="cannot load a checkpoint", safe=safe
         )
 
@@ -508,7 +629,7 @@ class CheckpointManager:
             # current CUDA device, load on this thread.
             run_both(read_weights, read_components, concurrently=storage.is_remote)
 
-        self._on_every_rank(world, restore, action=f"cannot load {path!r}", safe=safe)
+        on_every_rank(world, restore, action=f"cannot load {path!r}", safe=safe)
         if manifest is not None:
             self.best_checkpoints = [BestEntry.from_json(e) for e in manifest.best_checkpoints]
             self.best_checkpoint = manifest.metadata.get(_BEST_MARK)
@@ -532,6 +653,7 @@ class CheckpointManager:
         Returns:
             Whether the checkpoint is now among the best.
         """
+        self._background.wait()
         if metric_key not in metrics:
             raise InvalidArgumentError(f"metrics for {checkpoint_path!r} have no {metric_key!r}: {sorted(metrics)}")
         if greater_is_better is None:
@@ -543,7 +665,7 @@ class CheckpointManager:
         )
         world = self._world()
         path = self._locate(checkpoint_path)
-        self._on_rank0(
+        on_rank0(
             world,
             lambda: save_checkpoint_metrics(self._checkpoint_storage(path), metrics),
             action=f"cannot record metrics for {path!r}",
@@ -564,12 +686,13 @@ class CheckpointManager:
 
         Written by rank 0. Refuses to replace existing weights unless ``overwrite_output_dir``.
         """
+        self._background.wait()
         model = self._unwrapped_model()
         if model is None:
             raise InvalidArgumentError("save_model needs a model; the manager was created without one")
         target = output_dir or self.config.output_dir
         world = self._world()
-        self._on_rank0(
+        on_rank0(
             world,
             action=f"cannot save the model to {target!r}",
             safe="checkpoints are untouched",

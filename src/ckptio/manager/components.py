@@ -36,12 +36,22 @@ from ckptio.storage import Storage
 from ckptio.storage.integrity import FileRecord, checksum_bytes
 from ckptio.storage.transfer import map_concurrently
 
-__all__ = ["ComponentFile", "MissingComponentWarning", "load_components", "manifest_entries", "save_components"]
+__all__ = [
+    "ComponentFile",
+    "MissingComponentWarning",
+    "PendingComponent",
+    "load_components",
+    "manifest_entries",
+    "save_components",
+    "take_component_states",
+    "write_component_states",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Component files one rank uploads at once to an object store (local disk: one at a time).
 _WRITE_WORKERS = 4
+
 
 @dataclass(frozen=True)
 class ComponentFile:
@@ -62,20 +72,31 @@ def _group_ranks(component: StateComponent, world: World) -> list[int] | None:
     return world.group_ranks(component.process_group_name)
 
 
-def save_components(storage: Storage, components: Sequence[StateComponent], world: World) -> list[ComponentFile]:
-    """Write this rank's share of every component; call on every rank, same list, same order.
+@dataclass(frozen=True)
+class PendingComponent:
+    """A component's state as taken for a save, and where this rank writes it."""
+
+    component: StateComponent
+    placement: ComponentPlacement
+    state: Any
+
+
+def take_component_states(components: Sequence[StateComponent], world: World) -> list[PendingComponent]:
+    """Take every component's state and check replication; call on every rank, same list, same order.
 
     Every component's state is taken (and replication checked, a collective)
-    in list order first, so a rank whose write fails never leaves the others
-    waiting in a check; then this rank's files are written, several at once
-    where the storage is remote (:meth:`~ckptio.storage.Storage.concurrency`).
-    Results are in list order whatever order the uploads finish in.
+    in list order, before anything is written, so a rank whose write fails
+    never leaves the others waiting in a check.
+
+    Returns:
+        The components this rank writes, with their states (references to the
+        live state: stage them before the trainer changes it).
 
     Raises:
         ReplicationMismatchError: a REPLICATED component with ``validate_replication``
             differs between ranks (raised on every rank, before anything of it is written).
     """
-    pending: list[tuple[StateComponent, ComponentPlacement, Any]] = []
+    pending: list[PendingComponent] = []
     for component in components:
         state = component.stateful.state_dict()
         if component.validate_replication:
@@ -88,22 +109,37 @@ def save_components(storage: Storage, components: Sequence[StateComponent], worl
             group_ranks=_group_ranks(component, world),
         )
         if placement.writes:
-            pending.append((component, placement, state))
+            pending.append(PendingComponent(component, placement, state))
+    return pending
 
-    def write(item: tuple[StateComponent, ComponentPlacement, Any]) -> ComponentFile:
-        component, placement, state = item
+
+def write_component_states(storage: Storage, pending: Sequence[PendingComponent]) -> list[ComponentFile]:
+    """Write this rank's component files, several at once where the storage is remote
+    (:meth:`~ckptio.storage.Storage.concurrency`). No collectives.
+
+    Results are in list order whatever order the uploads finish in.
+    """
+
+    def write(item: PendingComponent) -> ComponentFile:
+        component, placement = item.component, item.placement
         return ComponentFile(
             key=component.key,
             sharing_pattern=SharingPattern(component.sharing_pattern).value,
             writer_rank=placement.writer_rank,
             shared_by=tuple(placement.shared_by),
-            record=save_component_state(storage, placement.file_name, state),
+            record=save_component_state(storage, placement.file_name, item.state),
             group_name=component.process_group_name,
             metadata=dict(component.metadata),
         )
 
     workers = storage.concurrency(_WRITE_WORKERS)
-    return map_concurrently(write, pending, workers=workers, thread_name="ckptio-component")
+    return map_concurrently(write, list(pending), workers=workers, thread_name="ckptio-component")
+
+
+def save_components(storage: Storage, components: Sequence[StateComponent], world: World) -> list[ComponentFile]:
+    """Take (:func:`take_component_states`) and write (:func:`write_component_states`)
+    this rank's share of every component; call on every rank, same list, same order."""
+    return write_component_states(storage, take_component_states(components, world))
 
 
 def manifest_entries(files: Sequence[ComponentFile]) -> dict[str, ComponentManifest]:

@@ -49,6 +49,16 @@ class CheckpointConfig:
             the node's interconnect and the wait for it. The model must live on
             a device the process group can send (gloo: CPU; NCCL: CUDA).
             Default False: every rank reads its own copy.
+        async_save: ``save_checkpoint()`` returns as soon as the state is
+            copied off the training path (staged: CUDA tensors into pinned host
+            buffers, CPU tensors into host buffers, both reused from save to
+            save); the files and the manifest are written on a background
+            thread. One save is in flight at a time; its error is raised by the
+            next save, load, ``save_model``, ``wait_until_finished`` or
+            ``close``. Needs host memory for one copy of the state's tensors
+            (held until ``close()``), plus 192 MiB of upload buffers on object
+            stores and a 256 MiB margin; a save that would not fit raises
+            :class:`~ckptio.errors.InsufficientMemoryError` before writing.
         retry: how transient storage failures (timeouts, 5xx, throttling,
             injected transient faults) are retried, on every operation of a
             save or a load (None: the storage's own policy, else the default).
@@ -64,6 +74,7 @@ class CheckpointConfig:
     on_world_size_change: str = "error"
     load_broadcast: bool = False
     retry: RetryPolicy | None = None
+    async_save: bool = False
 
     def __post_init__(self) -> None:
         if self.save_total_limit is not None and self.save_total_limit < 1:

@@ -13,12 +13,16 @@ naming its type.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from ckptio.errors import CheckpointError, CkptioError
+from ckptio.state import World
 
-__all__ = ["RankFailure", "error_for"]
+__all__ = ["RankFailure", "error_for", "on_every_rank", "on_rank0"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -70,3 +74,42 @@ def error_for(failures: Sequence[RankFailure], *, action: str, safe: str) -> Ckp
         return original.with_message(detail)
     detail = f"{action}: rank {first.rank} failed: {first.type_name}: {first.message}{tail}; {safe}"
     return CheckpointError(detail)
+
+
+def on_rank0(world: World, fn: Callable[[], T], *, action: str, safe: str) -> T:
+    """Run ``fn`` on rank 0 and share its result; if it raised, every rank raises the same error class."""
+    if world.world_size == 1:
+        return fn()
+    outcome: tuple[Any, RankFailure | None] = (None, None)
+    if world.rank == 0:
+        try:
+            outcome = (fn(), None)
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            outcome = (None, RankFailure.capture(0, exc))
+    result, failure = world.broadcast_object(outcome, src=0)
+    if failure is not None:
+        raise error_for([failure], action=action, safe=safe)
+    return result  # type: ignore[no-any-return]
+
+
+def on_every_rank(world: World, fn: Callable[[], T], *, action: str, safe: str, share: bool = True) -> list[T]:
+    """Run ``fn`` on every rank; if any rank raised, every rank raises.
+
+    Returns:
+        Every rank's result, indexed by rank (``share=True``: results must
+        pickle); with ``share=False`` only success is exchanged and the list
+        holds this rank's result alone.
+    """
+    if world.world_size == 1:
+        return [fn()]
+    result: Any = None
+    failure: RankFailure | None = None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised
+        failure = RankFailure.capture(world.rank, exc)
+    gathered = world.all_gather_object((result if share else None, failure))
+    failures = [f for _, f in gathered if f is not None]
+    if failures:
+        raise error_for(failures, action=action, safe=safe)
+    return [r for r, _ in gathered] if share else [result]

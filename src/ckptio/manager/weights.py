@@ -171,8 +171,10 @@ def plan_for_world(
     return plan_weights(module, world_size=world_size, safetensors=safetensors, max_shard_size=max_shard_size)
 
 
-def write_weights_share(storage: Storage, plan: WeightsPlan, module: nn.Module, rank: int) -> list[FileRecord]:
-    """Write ``rank``'s shards of ``plan`` from this rank's replica of ``module``; not the index.
+def write_weights_share(
+    storage: Storage, plan: WeightsPlan, module: nn.Module | Mapping[str, torch.Tensor], rank: int
+) -> list[FileRecord]:
+    """Write ``rank``'s shards of ``plan`` from this rank's replica of ``module`` (or its state dict); not the index.
 
     Called by every rank of the save (a rank with no shard writes nothing).
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
@@ -119,6 +119,9 @@ class World:
         node_rank, num_nodes: index of this node (nodes ordered by lowest rank) and node count.
         node_ranks: the global ranks on this node.
         process_groups: the provider's named groups (each rank's own group per name).
+        collective_group: the process group this World's own collectives use
+            (None: the default group). A thread other than the training loop's
+            must use a group of its own (:meth:`on_own_group`).
     """
 
     rank: int = 0
@@ -129,6 +132,7 @@ class World:
     num_nodes: int = 1
     node_ranks: tuple[int, ...] = (0,)
     process_groups: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    collective_group: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def current(cls, process_groups: Mapping[str, ProcessGroup] | None = None) -> World:
@@ -163,14 +167,14 @@ class World:
     def barrier(self) -> None:
         """Wait for every rank (no-op in a world of one)."""
         if self.is_distributed:
-            dist.barrier()
+            dist.barrier(group=self.collective_group)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Return every rank's ``obj`` (picklable), indexed by rank; ``[obj]`` in a world of one."""
         if not self.is_distributed:
             return [obj]
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, obj)
+        dist.all_gather_object(gathered, obj, group=self.collective_group)
         return gathered
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
@@ -180,8 +184,20 @@ class World:
         if not self.is_distributed:
             return obj
         box = [obj if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=src, group=self.collective_group)
         return box[0]
+
+    def on_own_group(self) -> World:
+        """This World with collectives on a new gloo group over every rank (itself when not distributed).
+
+        Collectives issued from a background thread on the default group could
+        interleave with the training loop's own and deadlock; on a group of
+        their own they cannot. Creating the group is a collective of the
+        default group: call it on every rank, in the same order.
+        """
+        if not self.is_distributed:
+            return self
+        return replace(self, collective_group=dist.new_group(backend="gloo"))
 
     def group(self, name: str) -> ProcessGroup:
         """This rank's process group called ``name``.
