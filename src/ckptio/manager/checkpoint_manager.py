@@ -541,6 +541,7 @@ class CheckpointManager:
         (``"checkpoint-7"``) always means ``<output_dir>/checkpoints/checkpoint-7``;
         a path or URL is taken as given. An explicit checkpoint that is not a
         valid (complete) checkpoint gives None and a warning, as in the seed design.
+        A pending asynchronous save is waited for first.
         """
         self._background.wait()
         if checkpoint_path is None:
@@ -592,6 +593,8 @@ class CheckpointManager:
             CheckpointNotFoundError: there is no complete checkpoint to load.
             IncompleteCheckpointError: the checkpoint asked for is incomplete.
             CorruptCheckpointError: checksums (when verified) or content are wrong.
+            CkptioError: a pending asynchronous save, waited for first, failed
+                (nothing is loaded then; call again to load).
         """
         self._background.wait()
         started = time.monotonic()
@@ -648,7 +651,9 @@ class CheckpointManager:
 
         Writes ``eval_metrics.json`` into the checkpoint (rank 0). The best list
         is stored in every later manifest, so it survives a resume, and rotation
-        never deletes the ``preserve_n_best`` best checkpoints.
+        never deletes the ``preserve_n_best`` best checkpoints. Waits for a
+        pending asynchronous save first (pass ``metrics=`` to ``save_checkpoint``
+        to record them without waiting).
 
         Returns:
             Whether the checkpoint is now among the best.
@@ -684,7 +689,8 @@ class CheckpointManager:
         """Write a final Hugging Face-style model directory (weights, and ``config.json``
         when the model has a ``save_pretrained``-style config) that ``from_pretrained`` opens.
 
-        Written by rank 0. Refuses to replace existing weights unless ``overwrite_output_dir``.
+        Written by rank 0, after a pending asynchronous save has finished.
+        Refuses to replace existing weights unless ``overwrite_output_dir``.
         """
         self._background.wait()
         model = self._unwrapped_model()
