@@ -12,10 +12,20 @@ import pytest
 import torch
 from manager_helpers import TinyTrainer, manager_for, same_state, state_of
 
-from ckptio import CheckpointError, CkptioError, InsufficientMemoryError, find_latest_checkpoint
+from ckptio import (
+    CheckpointError,
+    CkptioError,
+    InsufficientMemoryError,
+    find_latest_checkpoint,
+)
 from ckptio.checkpoint import list_checkpoints
 from ckptio.state import SharingPattern, StateComponent
-from ckptio.storage import FaultInjectingStorage, InjectedFault, RetryPolicy, open_storage
+from ckptio.storage import (
+    FaultInjectingStorage,
+    InjectedFault,
+    RetryPolicy,
+    open_storage,
+)
 
 NO_RETRY = RetryPolicy(max_attempts=1)
 

@@ -93,7 +93,10 @@ def run_ranks(
         while len(outcomes) < world_size:
             remaining = deadline - time.monotonic()
             failed = any(status == "error" for status, _ in outcomes.values())
-            wait = min(remaining, 3.0) if failed else remaining
+            # a rank failed, or one died without a word: drain what is left to report, then stop
+            died = any(not proc.is_alive() and r not in outcomes for r, proc in enumerate(procs))
+            ended = failed or died
+            wait = min(remaining, 3.0) if ended else remaining
             if wait <= 0:
                 break
             try:

@@ -333,7 +333,7 @@ class CheckpointManager:
             share=False,
         )[0]
         if self._background_world is None:
-            self._background_world = world.on_own_group()
+            self._background_world = world.on_own_group(self.config.async_timeout_s)
         background_world = self._background_world
 
         def write_and_commit() -> None:

@@ -59,6 +59,9 @@ class CheckpointConfig:
             (held until ``close()``), plus 192 MiB of upload buffers on object
             stores and a 256 MiB margin; a save that would not fit raises
             :class:`~ckptio.errors.InsufficientMemoryError` before writing.
+        async_timeout_s: how long a background save waits for the other ranks
+            at each exchange (a rank that died or hangs) before it fails;
+            its error is raised by the next call, as any background error.
         retry: how transient storage failures (timeouts, 5xx, throttling,
             injected transient faults) are retried, on every operation of a
             save or a load (None: the storage's own policy, else the default).
@@ -75,6 +78,7 @@ class CheckpointConfig:
     load_broadcast: bool = False
     retry: RetryPolicy | None = None
     async_save: bool = False
+    async_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         if self.save_total_limit is not None and self.save_total_limit < 1:
@@ -86,6 +90,8 @@ class CheckpointConfig:
             raise InvalidArgumentError(f"preserve_n_best must be >= 0, got {self.preserve_n_best}")
         if self.max_shard_size < 1:
             raise InvalidArgumentError(f"max_shard_size must be positive, got {self.max_shard_size}")
+        if self.async_timeout_s <= 0:
+            raise InvalidArgumentError(f"async_timeout_s must be positive, got {self.async_timeout_s}")
         if self.on_world_size_change not in ("error", "rank0", "skip"):
             raise InvalidArgumentError(
                 f"on_world_size_change must be 'error', 'rank0' or 'skip', got {self.on_world_size_change!r}"

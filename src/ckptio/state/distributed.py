@@ -20,6 +20,7 @@ process group must be called by every rank (as every checkpoint save/load is).
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from collections.abc import Mapping, Sequence
@@ -187,8 +188,11 @@ class World:
         dist.broadcast_object_list(box, src=src, group=self.collective_group)
         return box[0]
 
-    def on_own_group(self) -> World:
+    def on_own_group(self, timeout_s: float | None = None) -> World:
         """This World with collectives on a new gloo group over every rank (itself when not distributed).
+
+        ``timeout_s`` bounds how long each of its collectives waits for the
+        other ranks (None: torch's default for the backend).
 
         Collectives issued from a background thread on the default group could
         interleave with the training loop's own and deadlock; on a group of
@@ -197,7 +201,8 @@ class World:
         """
         if not self.is_distributed:
             return self
-        return replace(self, collective_group=dist.new_group(backend="gloo"))
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        return replace(self, collective_group=dist.new_group(backend="gloo", timeout=timeout))
 
     def group(self, name: str) -> ProcessGroup:
         """This rank's process group called ``name``.
