@@ -89,15 +89,20 @@ def available_host_memory() -> int | None:
     return min(found) if found else None
 
 
-def _tensors(value: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
+#: Where a tensor sits in a nested state: the keys and indices leading to it (never joined into a
+#: string, so that the key ``"a/b"`` and the nesting ``"a" -> "b"``, or ``0`` and ``"0"``, stay apart).
+_Path = tuple[Any, ...]
+
+
+def _tensors(value: Any, path: _Path) -> Iterator[tuple[_Path, torch.Tensor]]:
     if isinstance(value, torch.Tensor):
         yield path, value
     elif isinstance(value, Mapping):
         for key, item in value.items():
-            yield from _tensors(item, f"{path}/{key}")
+            yield from _tensors(item, (*path, key))
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            yield from _tensors(item, f"{path}/{i}")
+            yield from _tensors(item, (*path, i))
 
 
 def _is_plain(tensor: torch.Tensor) -> bool:
@@ -111,7 +116,9 @@ def _is_plain(tensor: torch.Tensor) -> bool:
 
 
 def _memory_key(tensor: torch.Tensor) -> tuple[Any, ...]:
-    """Tensors with equal keys view exactly the same memory (tied weights)."""
+    """Tensors with equal keys view exactly the same memory (tied weights); empty tensors never do."""
+    if tensor.numel() == 0:
+        return ("empty", id(tensor))
     return (
         tensor.device,
         tensor.untyped_storage().data_ptr(),
@@ -126,7 +133,7 @@ def state_nbytes(state: Any) -> int:
     """Bytes of tensor data in a nested state, each distinct tensor counted once."""
     seen: set[tuple[Any, ...]] = set()
     total = 0
-    for _, tensor in _tensors(state, ""):
+    for _, tensor in _tensors(state, ()):
         key = _memory_key(tensor) if _is_plain(tensor) else (id(tensor),)
         if key not in seen:
             seen.add(key)
@@ -168,7 +175,7 @@ class StateStager:
     ) -> None:
         self._available_memory = available_memory
         self._reserve = reserve
-        self._buffers: dict[str, _Buffer] = {}
+        self._buffers: dict[_Path, _Buffer] = {}
 
     @property
     def nbytes(self) -> int:
@@ -195,7 +202,7 @@ class StateStager:
         copied: dict[tuple[Any, ...], torch.Tensor] = {}
         cuda_used = False
 
-        def copy_tensor(path: str, tensor: torch.Tensor) -> torch.Tensor:
+        def copy_tensor(path: _Path, tensor: torch.Tensor) -> torch.Tensor:
             nonlocal cuda_used
             if not _is_plain(tensor):
                 return tensor.detach().clone()
@@ -208,17 +215,17 @@ class StateStager:
             copied[key] = buffer
             return buffer
 
-        staged = {name: self._copy(value, f"/{name}", copy_tensor) for name, value in state.items()}
+        staged = {name: self._copy(value, (name,), copy_tensor) for name, value in state.items()}
         if cuda_used:
             torch.cuda.synchronize()  # non_blocking device-to-host copies must land before anyone reads
         return staged
 
-    def _plan(self, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def _plan(self, state: Mapping[str, Any]) -> dict[_Path, torch.Tensor]:
         """The tensor each buffer path receives (first of tied tensors only); drop buffers that no longer fit."""
-        wanted: dict[str, torch.Tensor] = {}
+        wanted: dict[_Path, torch.Tensor] = {}
         seen: set[tuple[Any, ...]] = set()
         for name, value in state.items():
-            for path, tensor in _tensors(value, f"/{name}"):
+            for path, tensor in _tensors(value, (name,)):
                 if not _is_plain(tensor):
                     continue
                 key = _memory_key(tensor)
@@ -230,12 +237,10 @@ class StateStager:
                 del self._buffers[path]
         return wanted
 
-    def _check_memory(self, wanted: Mapping[str, torch.Tensor], what: str) -> None:
+    def _check_memory(self, wanted: Mapping[_Path, torch.Tensor], what: str) -> None:
         missing = {p: t for p, t in wanted.items() if p not in self._buffers}
         needed = sum(t.numel() * t.element_size() for t in missing.values())
-        if needed == 0:
-            return
-        available = self._available_memory()
+        available = self._available_memory() if needed else None
         if available is not None and needed + self._reserve > available:
             self._buffers.clear()
             raise InsufficientMemoryError(
@@ -249,18 +254,18 @@ class StateStager:
             self._buffers[path] = _Buffer(torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin))
         logger.debug("allocated %d staging buffers (%d bytes)", len(missing), needed)
 
-    def _copy(self, value: Any, path: str, copy_tensor: Callable[[str, torch.Tensor], torch.Tensor]) -> Any:
+    def _copy(self, value: Any, path: _Path, copy_tensor: Callable[[_Path, torch.Tensor], torch.Tensor]) -> Any:
         if isinstance(value, torch.Tensor):
             return copy_tensor(path, value)
         if isinstance(value, Mapping):
-            items = [(k, self._copy(v, f"{path}/{k}", copy_tensor)) for k, v in value.items()]
+            items = [(k, self._copy(v, (*path, k), copy_tensor)) for k, v in value.items()]
             try:
                 return cast(Any, type(value))(items)  # dict, OrderedDict, and other mappings built from pairs
             except TypeError:
                 return dict(items)
         if isinstance(value, list):
-            return [self._copy(v, f"{path}/{i}", copy_tensor) for i, v in enumerate(value)]
+            return [self._copy(v, (*path, i), copy_tensor) for i, v in enumerate(value)]
         if isinstance(value, tuple):
-            items_t = [self._copy(v, f"{path}/{i}", copy_tensor) for i, v in enumerate(value)]
+            items_t = [self._copy(v, (*path, i), copy_tensor) for i, v in enumerate(value)]
             return type(value)(*items_t) if hasattr(value, "_fields") else type(value)(items_t)
         return copy.deepcopy(value)
