@@ -101,3 +101,20 @@ def test_join_location_with_empty_key_is_the_base_itself() -> None:
 def test_next_checkpoint_path_takes_storage_options_like_every_directory_function() -> None:
     options = {"key": "k", "secret": "s"}
     assert next_checkpoint_path("s3://b/run", 7, storage_options=options) == "s3://b/run/checkpoints/checkpoint-7"
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("rank00000-part000.distcp", True),
+        ("rank00012-part003.distcp", True),
+        ("dcp_metadata.pkl", True),
+        ("rank0-part0.distcp", False),
+        ("notes/rank00000-part000.distcp", False),
+        ("rank00000-part000.distcp.bak", False),
+    ],
+)
+def test_files_of_sharded_state_count_as_checkpoint_files(key: str, expected: bool) -> None:
+    from ckptio.checkpoint.layout import is_checkpoint_file
+
+    assert is_checkpoint_file(key) is expected

@@ -29,6 +29,7 @@ from ckptio.storage import Storage
 __all__ = [
     "CHECKPOINTS_DIR",
     "CHECKPOINT_PREFIX",
+    "DCP_METADATA_NAME",
     "IN_PROGRESS_NAME",
     "MANIFEST_NAME",
     "METRICS_NAME",
@@ -46,21 +47,30 @@ CHECKPOINT_PREFIX = "checkpoint-"
 MANIFEST_NAME = "checkpoint_manifest.json"
 IN_PROGRESS_NAME = "checkpoint_in_progress.json"
 METRICS_NAME = "eval_metrics.json"
+#: DCP's metadata in a checkpoint written through :mod:`ckptio.dcp` (sharded state).
+DCP_METADATA_NAME = "dcp_metadata.pkl"
 
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-([0-9]+)$")
 #: Component state files: ``{key}_state.pt``, ``..._rank_{r}.pt``, ``..._node_{n}.pt``, ``..._group_{g}_grank_{r}.pt``.
 _COMPONENT_FILE = re.compile(r"^[^/]+_state(_rank_[0-9]+|_node_[0-9]+|_group_[^/]+_grank_[0-9]+)?\.pt$")
-_COMMIT_FILES = frozenset({MANIFEST_NAME, IN_PROGRESS_NAME, METRICS_NAME})
+_COMMIT_FILES = frozenset({MANIFEST_NAME, IN_PROGRESS_NAME, METRICS_NAME, DCP_METADATA_NAME})
+#: Data files of sharded state written through :mod:`ckptio.dcp`: ``rank00001-part002.distcp``.
+_DCP_DATA_FILE = re.compile(r"^rank[0-9]{5}-part[0-9]{3}\.distcp$")
 
 
 def is_checkpoint_file(key: str) -> bool:
     """Whether ``key`` (relative to a checkpoint directory) is a file a checkpoint save writes.
 
     The commit objects, metrics, Hugging Face weights, index and shard files,
-    and component state files. Used to tell a crashed save's leftovers (safe
+    component state files, and DCP's data files and metadata. Used to tell a crashed save's leftovers (safe
     to delete) from a folder that also holds someone else's files (never deleted).
     """
-    return key in _COMMIT_FILES or is_weight_file_name(key) or _COMPONENT_FILE.match(key) is not None
+    return (
+        key in _COMMIT_FILES
+        or is_weight_file_name(key)
+        or _COMPONENT_FILE.match(key) is not None
+        or _DCP_DATA_FILE.match(key) is not None
+    )
 
 
 def parse_checkpoint_id(name: str) -> int | None:
