@@ -114,6 +114,8 @@ class StorageReader(CheckpointTarget, _DCPStorageReader):
         storage_options: fsspec options for the backend.
         verify_checksums: check the CRC32C of every data file that a load reads
             from end to end (no extra bytes are read for it).
+        known_files: the manifest's file records when the caller has already
+            read and checked them (the checkpoint manager): no listing then.
     """
 
     def __init__(
@@ -122,9 +124,11 @@ class StorageReader(CheckpointTarget, _DCPStorageReader):
         storage_options: dict[str, Any] | None = None,
         *,
         verify_checksums: bool = True,
+        known_files: Sequence[FileRecord] | None = None,
     ) -> None:
         super().__init__(path, storage_options)
         self._verify = verify_checksums
+        self._known = None if known_files is None else {r.path: r for r in known_files}
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -147,6 +151,9 @@ class StorageReader(CheckpointTarget, _DCPStorageReader):
             CorruptCheckpointError: a malformed manifest, or a file whose size is not the listed one.
         """
         url = self._storage.url
+        if self._known is not None:
+            self._records = self._require_metadata(self._known)
+            return self._records
         inspection = inspect_checkpoint(self._storage)
         manifest = inspection.manifest
         if manifest is None:
@@ -166,13 +173,15 @@ class StorageReader(CheckpointTarget, _DCPStorageReader):
         missing = [self._storage.url_of(r.path) for r in manifest.files if r.path not in inspection.objects]
         if missing:
             raise IncompleteCheckpointError(f"cannot load {url!r}: {', '.join(missing[:5])} missing; {_NOTHING_LOADED}")
-        records = {r.path: r for r in manifest.files}
+        self._records = self._require_metadata({r.path: r for r in manifest.files})
+        return self._records
+
+    def _require_metadata(self, records: dict[str, FileRecord]) -> dict[str, FileRecord]:
         if METADATA_NAME not in records:
             raise CorruptCheckpointError(
-                f"cannot load {url!r}: its manifest lists no {METADATA_NAME}, so it is not a DCP checkpoint "
-                f"written by ckptio; {_NOTHING_LOADED}"
+                f"cannot load {self._storage.url!r}: its manifest lists no {METADATA_NAME}, so it is not a DCP "
+                f"checkpoint written by ckptio; {_NOTHING_LOADED}"
             )
-        self._records = records
         return records
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:

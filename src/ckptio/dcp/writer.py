@@ -162,6 +162,11 @@ class StorageWriter(CheckpointTarget, _DCPStorageWriter):
         storage_options: fsspec options for the backend (credentials, ``endpoint_url``).
         files_per_rank: data files each rank splits its items into and writes at
             once; by default 4 on object stores and 1 on local disk and in memory.
+        commit: write the in-progress marker first and the manifest last (the
+            default). ``False`` when the files are part of a larger checkpoint
+            whose owner (the checkpoint manager) writes marker and manifest:
+            ``finish`` then writes DCP's metadata only, and :attr:`records`
+            holds every file written, for that manifest.
 
     Raises:
         InvalidArgumentError: ``files_per_rank`` is not a positive integer.
@@ -173,8 +178,11 @@ class StorageWriter(CheckpointTarget, _DCPStorageWriter):
         storage_options: dict[str, Any] | None = None,
         *,
         files_per_rank: int | None = None,
+        commit: bool = True,
     ) -> None:
         super().__init__(path, storage_options)
+        self._commit = commit
+        self.records: list[FileRecord] = []
         if files_per_rank is not None and (
             isinstance(files_per_rank, bool) or not isinstance(files_per_rank, int) or files_per_rank < 1
         ):
@@ -202,13 +210,14 @@ class StorageWriter(CheckpointTarget, _DCPStorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """Coordinator, before any rank writes: refuse a committed target, write the in-progress marker."""
-        if is_committed(self._storage):
+        if self._commit and is_committed(self._storage):
             raise CheckpointExistsError(
                 f"cannot save to {self._storage.url!r}: it already holds a committed checkpoint "
                 f"({self._storage.url_of(MANIFEST_NAME)}); it was left untouched and nothing was written; "
                 "save to a new directory, or delete that checkpoint first"
             )
-        begin_checkpoint(self._storage, checkpoint_id=None, world_size=len(plans))
+        if self._commit:
+            begin_checkpoint(self._storage, checkpoint_id=None, world_size=len(plans))
         world = len(plans)
         return [dataclasses.replace(plan, storage_data=RankAssignment(rank, world)) for rank, plan in enumerate(plans)]
 
@@ -257,11 +266,14 @@ class StorageWriter(CheckpointTarget, _DCPStorageWriter):
         blob = encode_metadata(metadata)
         self._storage.write_bytes(METADATA_NAME, blob)
         records[METADATA_NAME] = FileRecord(METADATA_NAME, len(blob), checksum_bytes(blob))
+        self.records = sorted(records.values(), key=lambda r: r.path)
+        if not self._commit:
+            return
         manifest = CheckpointManifest(
             checkpoint_path=".",
             world_size=max(1, len(results)),
             timestamp=utc_timestamp(),
-            files=sorted(records.values(), key=lambda r: r.path),
+            files=self.records,
             metadata={"format": FORMAT_NAME, "dcp_metadata": METADATA_NAME, "dcp_version": metadata.version},
         )
         commit_checkpoint(self._storage, manifest)

@@ -94,6 +94,16 @@ from ckptio.manager.components import (
 from ckptio.manager.config import CheckpointConfig
 from ckptio.manager.failures import on_every_rank, on_rank0
 from ckptio.manager.model_dir import save_model_directory
+from ckptio.manager.sharded import (
+    SHARDED_STATE_KEY,
+    ShardedState,
+    is_sharded_model,
+    load_sharded_state,
+    saved_sharded_keys,
+    split_optimizers,
+    take_sharded_state,
+    write_sharded_state,
+)
 from ckptio.manager.weights import (
     WeightsPlan,
     plan_for_world,
@@ -125,15 +135,19 @@ class _Outcome:
 
     weights: list[FileRecord] = field(default_factory=list)
     components: list[ComponentFile] = field(default_factory=list)
+    #: What the manifest records when the model and its optimizers were written sharded (through DCP).
+    sharded: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
 class _SaveState:
-    """What one rank writes: model weights (None: no model), their ties, and its component states."""
+    """What one rank writes: model weights (None: no model, or sharded), their ties, its component
+    states, and a sharded model's state with its optimizers' (None: the model is not sharded)."""
 
     weights: Mapping[str, torch.Tensor] | None
     sharing: list[list[str]] | None
     components: list[PendingComponent]
+    sharded: ShardedState | None = None
 
 
 @dataclass(frozen=True)
@@ -348,20 +362,28 @@ class CheckpointManager:
     def _take_state(self, world: World, path: str, *, stage: bool) -> _SaveState:
         """This rank's model weights and component states; with ``stage``, private copies of them."""
         model = self._unwrapped_model()
-        weights = state_dict_of(model) if model is not None else None
-        sharing = create_sharing_metadata(model) if model is not None else None
-        components = take_component_states(self._components(), world)
+        components = self._components()
+        sharded: ShardedState | None = None
+        if model is not None and is_sharded_model(model):
+            optimizers, components = split_optimizers(components)
+            sharded, weights, sharing = take_sharded_state(model, optimizers), None, None
+        else:
+            weights = state_dict_of(model) if model is not None else None
+            sharing = create_sharing_metadata(model) if model is not None else None
+        pending = take_component_states(components, world)
         if not stage:
-            return _SaveState(weights, sharing, components)
-        parts: dict[str, Any] = {"components": [c.state for c in components]}
+            return _SaveState(weights, sharing, pending, sharded)
+        parts: dict[str, Any] = {"components": [c.state for c in pending]}
         if weights is not None:
             parts["weights"] = weights
+        if sharded is not None:
+            parts["sharded"] = sharded.state
         started = time.monotonic()
         copied = self._stager.stage(parts, what=repr(path))
         logger.debug("staged %d bytes of state in %.3fs", self._stager.nbytes, time.monotonic() - started)
-        states = copied["components"]
-        staged_components = [replace(c, state=state) for c, state in zip(components, states, strict=True)]
-        return _SaveState(copied.get("weights"), sharing, staged_components)
+        staged_components = [replace(c, state=state) for c, state in zip(pending, copied["components"], strict=True)]
+        staged_sharded = replace(sharded, state=copied["sharded"]) if sharded is not None else None
+        return _SaveState(copied.get("weights"), sharing, staged_components, staged_sharded)
 
     def _write_and_commit(
         self, world: World, plan: _SavePlan, ledger: _Ledger, take_state: Callable[[], _SaveState]
@@ -374,6 +396,8 @@ class CheckpointManager:
 
         def write() -> _Outcome:
             state = take_state()
+            # Sharded state first, on this thread: dcp.save is a collective of every rank.
+            sharded = write_sharded_state(storage, state.sharded, world) if state.sharded is not None else []
 
             def write_weights() -> list[FileRecord]:
                 if state.weights is None:
@@ -391,7 +415,7 @@ class CheckpointManager:
                 lambda: write_component_states(storage, state.components),
                 concurrently=storage.is_remote,
             )
-            return _Outcome(weights=weights, components=components)
+            return _Outcome(sharded + weights, components, state.sharded.manifest_metadata() if state.sharded else None)
 
         outcomes = on_every_rank(world, write, action=action, safe=_SAVE_SAFE)
 
@@ -413,7 +437,7 @@ class CheckpointManager:
                 torch_version=torch.__version__,
                 best_checkpoints=[e.to_json() for e in ledger.best_checkpoints],
                 files=sorted(files, key=lambda r: r.path),
-                metadata={_BEST_MARK: ledger.best_checkpoint} if ledger.best_checkpoint else {},
+                metadata=self._manifest_metadata(ledger, outcomes[0]),
             )
             commit_checkpoint(storage, manifest)
             self._rotate(path, manifest, plan.entries, ledger.preserved)
@@ -422,6 +446,12 @@ class CheckpointManager:
         total = on_rank0(world, commit, action=action, safe=_SAVE_SAFE)
         world.barrier()
         logger.debug("committed checkpoint %s (%s bytes)", path, total)
+
+    def _manifest_metadata(self, ledger: _Ledger, outcome: _Outcome) -> dict[str, Any]:
+        metadata: dict[str, Any] = {_BEST_MARK: ledger.best_checkpoint} if ledger.best_checkpoint else {}
+        if outcome.sharded is not None:
+            metadata[SHARDED_STATE_KEY] = outcome.sharded
+        return metadata
 
     def _plan_save(self, checkpoint_path: str | None, checkpoint_id: int | str | None, world: World) -> _SavePlan:
         """Where the save goes, (when rotation follows) the run's checkpoints: one listing,
@@ -448,8 +478,9 @@ class CheckpointManager:
         if scan is not None and self._is_run_checkpoint(path):
             known = {e.name: e.objects for e in scan.entries}
             target_objects = known.get(location_name(path), ())
+        model = self._unwrapped_model()
         weights = plan_for_world(
-            self._unwrapped_model(),
+            None if is_sharded_model(model) else model,
             world.world_size,
             safetensors=self.config.save_safetensors,
             max_shard_size=self.config.max_shard_size,
@@ -609,6 +640,20 @@ class CheckpointManager:
             if manifest is not None:  # committed: every rank knows its files from rank 0's manifest
                 storage = KnownObjectsStorage(storage, [ObjectInfo(r.path, r.size, None) for r in manifest.files])
             model = self._unwrapped_model()
+            components = self._components()
+            sharded_keys = saved_sharded_keys(manifest.metadata) if manifest is not None else None
+            if sharded_keys is not None and manifest is not None:
+                if model is None:
+                    raise InvalidArgumentError(f"cannot load {path!r}: it holds sharded model state; pass the model")
+                optimizers = [c for c in components if c.key in sharded_keys]
+                components = [c for c in components if c.key not in sharded_keys]
+                load_sharded_state(storage, manifest.files, model, optimizers, world)  # a collective: here, first
+                model = None
+            elif model is not None and is_sharded_model(model):
+                raise InvalidArgumentError(
+                    f"cannot load {path!r} into a sharded (DTensor) model: it holds full Hugging Face weights, "
+                    "not sharded state; load it into the unsharded model before sharding it"
+                )
             if model is not None and self.config.load_broadcast:
                 load_weights_per_node(storage, model, world)  # collectives: on this thread, alone
                 model = None
@@ -621,7 +666,7 @@ class CheckpointManager:
                 if manifest is not None:
                     load_components(
                         storage,
-                        self._components(),
+                        components,
                         world,
                         manifest,
                         on_world_size_change=self.config.on_world_size_change,
