@@ -83,7 +83,7 @@ def _is_leftover(entry: CheckpointEntry, newest: CheckpointEntry) -> bool:
         return False
     foreign = [o.key for o in entry.objects if not is_checkpoint_file(o.key)]
     if foreign or not entry.objects:
-        logger.info(
+        logger.debug(
             "leaving %s alone: it is not a complete checkpoint but holds files a checkpoint save does not write (%s)",
             entry.url or entry.name,
             ", ".join(foreign[:5]) or "no listing",
@@ -140,7 +140,7 @@ def rotate_checkpoints(
         except StorageError as exc:
             logger.warning("could not delete %s during rotation: %s; the next rotation retries it", checkpoint.url, exc)
             continue
-        logger.info("deleted old checkpoint %s", checkpoint.url)
+        logger.debug("deleted old checkpoint %s", checkpoint.url)
         deleted.append(name)
     return deleted
 

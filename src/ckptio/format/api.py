@@ -23,7 +23,9 @@ shards; rank 0 publishes the index after a barrier)::
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, overload
 
@@ -39,6 +41,7 @@ from ckptio.format.writer import (
     write_shards,
 )
 from ckptio.storage import Storage, resolve_storage
+from ckptio.storage.transfer import rate_summary
 
 __all__ = [
     "load_checkpoint",
@@ -49,6 +52,8 @@ __all__ = [
 ]
 
 Target = str | os.PathLike[str] | Storage
+
+logger = logging.getLogger(__name__)
 
 
 def save_checkpoint(
@@ -92,8 +97,10 @@ def save_checkpoint(
         InvalidArgumentError: unusable arguments; nothing is published then.
         StorageError: the backend failed; the previous index (if any) still stands.
     """
-    write_model_weights(
-        resolve_storage(output_dir, storage_options),
+    started = time.monotonic()
+    storage = resolve_storage(output_dir, storage_options)
+    records = write_model_weights(
+        storage,
         module,
         safetensors=safetensors,
         max_shard_size=max_shard_size,
@@ -102,6 +109,8 @@ def save_checkpoint(
         param_sharing_metadata=param_sharing_metadata,
         debug=debug,
     )
+    nbytes = sum(r.size for r in records)
+    logger.info("saved model weights to %s: %s", storage.url, rate_summary(nbytes, time.monotonic() - started))
 
 
 def load_checkpoint(
@@ -130,8 +139,11 @@ def load_checkpoint(
         StateDictMismatchError: names, shapes or dtypes do not fit the module.
         CorruptCheckpointError: malformed index, truncated shard, unsafe pickle.
     """
+    started = time.monotonic()
     storage = resolve_storage(model_dir, storage_options)
-    return read_model_weights(storage, module, device=device, strict=strict, assign=assign, keys=keys)
+    result = read_model_weights(storage, module, device=device, strict=strict, assign=assign, keys=keys)
+    logger.info("loaded model weights from %s in %.2f s", storage.url, time.monotonic() - started)
+    return result
 
 
 def save_shard_index(

@@ -403,7 +403,7 @@ def read_state_dict(
     """
     started = time.monotonic()
     result = _read_state_dict(_catalog(storage, device, shard_index, debug), keys, device)
-    logger.info("read %d tensors from %s in %.2fs", len(result), storage.url, time.monotonic() - started)
+    logger.debug("read %d tensors from %s in %.2fs", len(result), storage.url, time.monotonic() - started)
     return result
 
 
@@ -447,7 +447,7 @@ def load_weights(
         raise InvalidArgumentError(f"cannot load into {type(module).__name__}: expected an nn.Module or None")
     catalog = _catalog(storage, device, shard_index, debug)
     unloaded = _load_into(catalog, module, device=device, strict=strict, assign=assign, keys=keys)
-    logger.info("loaded model weights from %s in %.2fs", storage.url, time.monotonic() - started)
+    logger.debug("loaded model weights from %s in %.2fs", storage.url, time.monotonic() - started)
     return unloaded
 
 

@@ -246,7 +246,7 @@ def remove_stale_weight_files(storage: Storage, index_name: str, shard_index: Ma
     for name in stale:
         storage.delete(name)
     if stale:
-        logger.info("removed %d stale weight files of an earlier save from %s", len(stale), storage.url)
+        logger.debug("removed %d stale weight files of an earlier save from %s", len(stale), storage.url)
     return stale
 
 
@@ -297,7 +297,7 @@ def write_model_weights(
     index_name = index_name_for(safetensors)
     records.append(publish_index(storage, index_name, shard_index))
     remove_stale_weight_files(storage, index_name, shard_index)
-    logger.info(
+    logger.debug(
         "saved model weights to %s (%d files, %d bytes) in %.2fs",
         storage.url,
         len(records),

@@ -115,7 +115,7 @@ from ckptio.state.staging import StateStager
 from ckptio.storage import KnownObjectsStorage, ObjectInfo, Storage, open_storage
 from ckptio.storage.integrity import FileRecord, checksum_bytes
 from ckptio.storage.multipart import DEFAULT_UPLOAD_BUDGET
-from ckptio.storage.transfer import run_both
+from ckptio.storage.transfer import rate_summary, run_both
 from ckptio.storage.wrapper import with_retries
 
 __all__ = ["CheckpointManager"]
@@ -334,8 +334,7 @@ class CheckpointManager:
         )
         ledger = _Ledger(list(self.best_checkpoints), self.best_checkpoint, self._preserved(), dict(metrics or {}))
         if not self.config.async_save:
-            self._write_and_commit(world, plan, ledger, lambda: self._take_state(world, plan.path, stage=False))
-            logger.info("saved checkpoint %s in %.2fs", plan.path, time.monotonic() - started)
+            self._write_and_commit(world, plan, ledger, lambda: self._take_state(world, plan.path, stage=False), started)
             return plan.path
         # Asynchronous: take and stage the state here (collectives on this thread), agree that every
         # rank staged it, then write and commit in the background, exchanging on a group of its own.
@@ -350,13 +349,13 @@ class CheckpointManager:
             self._background_world = world.on_own_group(self.config.async_timeout_s)
         background_world = self._background_world
 
+        blocked = time.monotonic() - started
+
         def write_and_commit() -> None:
-            self._write_and_commit(background_world, plan, ledger, lambda: staged)
-            logger.info("saved checkpoint %s in %.2fs (asynchronously)", plan.path, time.monotonic() - started)
+            self._write_and_commit(background_world, plan, ledger, lambda: staged, started, blocked=blocked)
 
         self._background.start(plan.path, write_and_commit)
-        logger.debug("staged checkpoint %s in %.2fs; writing it in the background", plan.path,
-                     time.monotonic() - started)
+        logger.debug("staged checkpoint %s in %.2fs; writing it in the background", plan.path, blocked)
         return plan.path
 
     def _take_state(self, world: World, path: str, *, stage: bool) -> _SaveState:
@@ -386,9 +385,17 @@ class CheckpointManager:
         return _SaveState(copied.get("weights"), sharing, staged_components, staged_sharded)
 
     def _write_and_commit(
-        self, world: World, plan: _SavePlan, ledger: _Ledger, take_state: Callable[[], _SaveState]
+        self,
+        world: World,
+        plan: _SavePlan,
+        ledger: _Ledger,
+        take_state: Callable[[], _SaveState],
+        started: float,
+        *,
+        blocked: float | None = None,
     ) -> None:
-        """Steps 1-4 of the protocol: marker, every rank's files, manifest last, rotation."""
+        """Steps 1-4 of the protocol: marker, every rank's files, manifest last, rotation;
+        then rank 0 logs the save's one INFO line (``blocked``: how long an async save held the trainer)."""
         path = plan.path
         storage = self._checkpoint_storage(path)
         action = f"cannot save {path!r}"
@@ -419,7 +426,7 @@ class CheckpointManager:
 
         outcomes = on_every_rank(world, write, action=action, safe=_SAVE_SAFE)
 
-        def commit() -> int:
+        def commit() -> tuple[int, list[str]]:
             written = [c for o in outcomes for c in o.components]
             files = [r for o in outcomes for r in o.weights] + [c.record for c in written]
             if plan.weights is not None:  # every rank's shards are written: the index may name them now
@@ -440,12 +447,17 @@ class CheckpointManager:
                 metadata=self._manifest_metadata(ledger, outcomes[0]),
             )
             commit_checkpoint(storage, manifest)
-            self._rotate(path, manifest, plan.entries, ledger.preserved)
-            return sum(r.size for r in files)
+            rotated = self._rotate(path, manifest, plan.entries, ledger.preserved)
+            return sum(r.size for r in files), rotated
 
-        total = on_rank0(world, commit, action=action, safe=_SAVE_SAFE)
+        total, rotated = on_rank0(world, commit, action=action, safe=_SAVE_SAFE)
         world.barrier()
-        logger.debug("committed checkpoint %s (%s bytes)", path, total)
+        summary = f"saved {location_name(path)} to {path}: {rate_summary(total, time.monotonic() - started)}"
+        if blocked is not None:
+            summary += f", in the background after {blocked:.2f} s of staging"
+        if rotated:
+            summary += f"; rotated out {', '.join(rotated)}"
+        logger.log(logging.INFO if world.rank == 0 else logging.DEBUG, "%s", summary)
 
     def _manifest_metadata(self, ledger: _Ledger, outcome: _Outcome) -> dict[str, Any]:
         metadata: dict[str, Any] = {_BEST_MARK: ledger.best_checkpoint} if ledger.best_checkpoint else {}
@@ -539,11 +551,15 @@ class CheckpointManager:
         manifest: CheckpointManifest,
         entries: list[CheckpointEntry] | None,
         preserved: set[str],
-    ) -> None:
-        """Rotate with the listing made before the save, plus the checkpoint just committed."""
+    ) -> list[str]:
+        """Rotate with the listing made before the save, plus the checkpoint just committed.
+
+        Returns:
+            The names of the checkpoints deleted.
+        """
         limit = self.config.save_total_limit
         if limit is None or entries is None or not self._is_run_checkpoint(committed_path):
-            return
+            return []
         name = location_name(committed_path)
         committed = CheckpointEntry(
             name=name,
@@ -560,9 +576,8 @@ class CheckpointManager:
             deleted = rotate_checkpoints(self.storage, current, keep=limit, preserved=preserved)
         except StorageError as exc:  # the new checkpoint is committed; rotation retries next save
             logger.warning("checkpoint %s is committed; rotating older ones failed: %s", committed_path, exc)
-            return
-        if deleted:
-            logger.info("rotated out %s", ", ".join(deleted))
+            return []
+        return deleted
 
     # -- loading -----------------------------------------------------------
     def resolve_checkpoint_path(self, checkpoint_path: str | None) -> str | None:
@@ -682,7 +697,14 @@ class CheckpointManager:
             self.best_checkpoints = [BestEntry.from_json(e) for e in manifest.best_checkpoints]
             self.best_checkpoint = manifest.metadata.get(_BEST_MARK)
         self.loaded_manifest = manifest
-        logger.info("restored checkpoint %s in %.2fs", path, time.monotonic() - started)
+        size = manifest.total_size if manifest is not None else 0
+        logger.log(
+            logging.INFO if world.rank == 0 else logging.DEBUG,
+            "restored %s from %s: %s",
+            location_name(path),
+            path,
+            rate_summary(size, time.monotonic() - started),
+        )
 
     # -- best checkpoints and final model -----------------------------------
     def update_best_checkpoints(

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
-__all__ = ["map_concurrently", "map_unordered", "run_alongside", "run_both"]
+__all__ = ["map_concurrently", "map_unordered", "rate_summary", "run_alongside", "run_both"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -105,3 +105,9 @@ def run_both(background: Callable[[], A], foreground: Callable[[], B], *, concur
         finally:
             wait([future])
         return future.result(), result
+
+
+def rate_summary(nbytes: int, seconds: float) -> str:
+    """``"1.07 GB in 2.41 s (0.44 GB/s)"``: what a log line says about a transfer."""
+    rate = nbytes / seconds / 1e9 if seconds > 0 else float("inf")
+    return f"{nbytes / 1e9:.3g} GB in {seconds:.2f} s ({rate:.3g} GB/s)"
