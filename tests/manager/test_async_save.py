@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 import textwrap
@@ -189,17 +190,27 @@ def test_staging_buffers_are_reused_from_one_save_to_the_next(backend_url) -> No
 def test_the_save_runs_on_a_background_thread(backend_url, monkeypatch) -> None:
     trainer, _ = _trainer()
     manager = manager_for(trainer, backend_url, async_save=True)
-    threads: list[str] = []
+    threads: list[tuple[str, int]] = []
     original = manager._write_and_commit
+    release = threading.Event()
 
     def spy(*args, **kwargs):
-        threads.append(threading.current_thread().name)
+        niceness = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        threads.append((threading.current_thread().name, niceness))
+        release.wait(timeout=60)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(manager, "_write_and_commit", spy)
     manager.save_checkpoint()
+    assert manager.save_in_progress  # returned while the save is held in the background
+    release.set()
+    manager.wait_until_finished()
+    assert not manager.save_in_progress
     manager.close()
-    assert len(threads) == 1 and threads[0].startswith("ckptio-async-save")
+    [(name, niceness)] = threads
+    assert name.startswith("ckptio-async-save")
+    if sys.platform.startswith("linux"):  # the trainer keeps its CPU priority; the writer yields to it
+        assert niceness == os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + 10
 
 
 @pytest.mark.parametrize("backend_url", ["local", "s3"], indirect=True)

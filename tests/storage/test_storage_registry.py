@@ -80,3 +80,14 @@ def test_storage_package_never_imports_torch() -> None:
                 names = [node.module or ""]
             for name in names:
                 assert not name.startswith(("torch", "safetensors")), f"{source.name} imports {name}"
+
+
+def test_s3_clients_compute_only_the_checksums_a_request_requires() -> None:
+    from ckptio.storage.registry import _filesystem_options
+
+    config = _filesystem_options("s3", {})["config_kwargs"]
+    assert config["request_checksum_calculation"] == "when_required"
+    assert config["response_checksum_validation"] == "when_required"
+    assert config["max_pool_connections"] >= 16
+    mine = _filesystem_options("s3", {"config_kwargs": {"request_checksum_calculation": "when_supported"}})
+    assert mine["config_kwargs"]["request_checksum_calculation"] == "when_supported"  # the user's choice wins

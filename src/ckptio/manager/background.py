@@ -13,17 +13,22 @@ still running then would fail at its first upload pool. So the hook is
 registered the same way, after ``concurrent.futures`` has registered its own
 (``atexit`` is the fallback where that function is missing).
 
-A thread, not a process: the write path spends its time in storage calls,
-memcpy into upload buffers and CRC32C, which release the GIL, and a process
-would have to receive the whole staged state through shared memory first.
-The slowdown it causes to training steps is measured by
-``benchmarks/bench_async.py``.
+A thread, not a process: the write path spends its time in file writes,
+fsync, HTTP requests and CRC32C, which release the GIL (filling an upload
+part buffer holds it, a few milliseconds per 8 MiB part), and a process would
+have to receive the whole staged state through shared memory first. What
+slows training steps during a background save is competition for CPU cores,
+measured by ``benchmarks/bench_async.py``; so on Linux the worker runs at a
+lower CPU priority (nice +10, inherited by the threads it starts): a trainer
+that needs every core keeps them, and the save takes the cores it leaves.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -34,6 +39,9 @@ from ckptio.errors import CheckpointError, CkptioError
 __all__ = ["BackgroundSave"]
 
 logger = logging.getLogger(__name__)
+
+#: How much lower the worker's CPU priority is than the trainer's (Linux nice levels).
+NICE_INCREMENT = 10
 
 #: Every runner with a worker thread; waited for at interpreter exit.
 _LIVE: weakref.WeakSet[BackgroundSave] = weakref.WeakSet()
@@ -57,6 +65,17 @@ def _register_exit_hook() -> None:
     _hook_registered = True
 
 
+def _lower_priority() -> None:
+    """Lower this thread's CPU priority (Linux: nice is per thread, inherited by threads it starts)."""
+    if not sys.platform.startswith("linux"):
+        return  # elsewhere setpriority would lower the whole process
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + NICE_INCREMENT)
+    except OSError as exc:  # not permitted in some sandboxes: keep the trainer's priority
+        logger.debug("could not lower the background save's priority: %s", exc)
+
+
 class BackgroundSave:
     """A single-slot background runner for saves."""
 
@@ -70,6 +89,11 @@ class BackgroundSave:
         """Whether a save was started and not yet waited for."""
         return self._pending is not None
 
+    @property
+    def running(self) -> bool:
+        """Whether a save was started and has not finished yet."""
+        return self._pending is not None and not self._pending.done()
+
     def start(self, name: str, work: Callable[[], None]) -> None:
         """Run ``work`` (the save of checkpoint ``name``) in the background.
 
@@ -79,7 +103,9 @@ class BackgroundSave:
         if self._pending is not None:
             raise CheckpointError(f"cannot start saving {name!r}: the save of {self._pending_name!r} is still pending")
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptio-async-save")
+            self._executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="ckptio-async-save", initializer=_lower_priority
+            )
             _register_exit_hook()  # after ThreadPoolExecutor's module registered its own: runs before it
             _LIVE.add(self)
         self._pending_name = name

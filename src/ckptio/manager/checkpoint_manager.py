@@ -227,6 +227,11 @@ class CheckpointManager:
         """
         self._background.wait()
 
+    @property
+    def save_in_progress(self) -> bool:
+        """Whether an asynchronous save is still being written (never blocks)."""
+        return self._background.running
+
     def close(self) -> None:
         """Wait for the pending save (raising its error), then release the background
         thread and the staging buffers. The manager can still be used afterwards."""

@@ -85,6 +85,11 @@ def _filesystem_options(protocol: str, storage_options: dict[str, Any]) -> dict[
         # botocore keeps 10 connections by default: fewer than the parts and files in flight.
         config = dict(options.get("config_kwargs") or {})
         config.setdefault("max_pool_connections", _S3_CONNECTIONS)
+        # botocore >= 1.36 computes a CRC32 of every upload part on the client's one I/O thread (and
+        # asks servers for checksums some S3-compatible stores reject); every file already carries
+        # ckptio's CRC32C in the manifest, so only the checksums a request requires are computed.
+        config.setdefault("request_checksum_calculation", "when_required")
+        config.setdefault("response_checksum_validation", "when_required")
         options["config_kwargs"] = config
     return options
 
