@@ -1,4 +1,4 @@
-"""The ``ckptio`` command line: ``ls``, ``inspect``, ``verify``, ``latest``, ``cp``, ``prune``.
+"""The ``ckptio`` command line: ``ls``, ``inspect``, ``verify``, ``latest``, ``cp``, ``prune``, ``export``.
 
 Every command takes local paths or fsspec URLs; ``--storage-options JSON``
 applies to all of them, given before or after the command name. Credentials in
@@ -42,6 +42,7 @@ from ckptio.format import weight_files
 from ckptio.format.index import read_index
 from ckptio.format.safetensors_io import read_header
 from ckptio.format.torch_io import read_torch_file
+from ckptio.manager.export import export_checkpoint
 from ckptio.storage import Storage, open_storage
 from ckptio.storage.integrity import Crc32c
 
@@ -332,6 +333,40 @@ def cmd_cp(args: argparse.Namespace, options: dict[str, Any]) -> int:
     return 0
 
 
+#: Units ``--max-shard-size`` accepts, as Hugging Face reads them (``5GB`` is 5 * 10**9 bytes).
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """A positive byte count: ``1048576``, ``500MB``, ``2GiB`` (units as Hugging Face reads them)."""
+    raw = text.strip().upper().replace(" ", "")
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number) :]
+    try:
+        value = float(number) * _SIZE_UNITS[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 2147483648, 500MB or 2GiB, got {text!r}") from None
+    if not 1 <= value < 2**63:  # also NaN
+        raise argparse.ArgumentTypeError(f"the size must be at least one byte, got {text!r}")
+    return int(value)
+
+
+def cmd_export(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    """Write a committed checkpoint's model as a plain Hugging Face safetensors directory."""
+    dst_options = options if args.dst_storage_options is None else _storage_options(args.dst_storage_options)
+    records = export_checkpoint(
+        args.ckpt,
+        args.dst,
+        storage_options=options,
+        dst_storage_options=dst_options,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
+    print(f"exported {len(records)} files ({format_size(sum(r.size for r in records))}) to {args.dst}")
+    return 0
+
+
 # -- entry point ------------------------------------------------------------
 def _add_global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
     """Add the options every command accepts, before or after its name."""
@@ -376,6 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", metavar="URL")
     p.add_argument("--keep", type=int, required=True, metavar="N", help="complete checkpoints to keep (>= 1)")
     p.set_defaults(func=cmd_prune)
+    p = sub.add_parser(
+        "export", help="write a checkpoint's model as a Hugging Face safetensors directory", parents=[common]
+    )
+    p.add_argument("ckpt", metavar="CKPT")
+    p.add_argument("dst", metavar="DST")
+    p.add_argument(
+        "--max-shard-size", type=parse_size, default=2**31, metavar="SIZE", help="largest shard (default 2GiB)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace model weights already at DST")
+    p.add_argument("--dst-storage-options", metavar="JSON", help="fsspec options for DST (default: --storage-options)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

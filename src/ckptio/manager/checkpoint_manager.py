@@ -92,6 +92,7 @@ from ckptio.manager.components import (
     write_component_states,
 )
 from ckptio.manager.config import CheckpointConfig
+from ckptio.manager.export import save_sharded_model
 from ckptio.manager.failures import on_every_rank, on_rank0
 from ckptio.manager.model_dir import save_model_directory
 from ckptio.manager.sharded import (
@@ -761,8 +762,10 @@ class CheckpointManager:
         """Write a final Hugging Face-style model directory (weights, and ``config.json``
         when the model has a ``save_pretrained``-style config) that ``from_pretrained`` opens.
 
-        Written by rank 0, after a pending asynchronous save has finished.
-        Refuses to replace existing weights unless ``overwrite_output_dir``.
+        Called by every rank, after a pending asynchronous save has finished;
+        written by rank 0. A sharded (DTensor) model is gathered one tensor at
+        a time and streamed out, so no rank holds it whole. Refuses to replace
+        existing weights unless ``overwrite_output_dir``.
         """
         self._background.wait()
         model = self._unwrapped_model()
@@ -770,6 +773,15 @@ class CheckpointManager:
             raise InvalidArgumentError("save_model needs a model; the manager was created without one")
         target = output_dir or self.config.output_dir
         world = self._world()
+        if is_sharded_model(model):  # no rank holds it whole: every rank gathers each tensor, rank 0 writes
+            save_sharded_model(
+                self._checkpoint_storage(target),
+                model,
+                world,
+                max_shard_size=self.config.max_shard_size,
+                overwrite=overwrite_output_dir,
+            )
+            return
         on_rank0(
             world,
             action=f"cannot save the model to {target!r}",

@@ -162,8 +162,16 @@ class World:
 
     @property
     def is_distributed(self) -> bool:
-        """Whether collectives actually talk to other ranks."""
-        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+        """Whether collectives actually talk to other ranks.
+
+        A World on a group of its own stays distributed even once the default
+        group is destroyed: its collectives then fail, rather than quietly
+        running as if this rank were alone (a background save would commit
+        only its own files).
+        """
+        if self.world_size == 1:
+            return False
+        return self.collective_group is not None or (dist.is_available() and dist.is_initialized())
 
     def barrier(self) -> None:
         """Wait for every rank (no-op in a world of one)."""
