@@ -77,16 +77,13 @@ from ckptio.errors import (
 )
 from ckptio.format import (
     create_sharing_metadata,
-    read_model_weights,
     write_model_weights,
 )
 from ckptio.format.writer import state_dict_of
 from ckptio.manager.background import BackgroundSave
-from ckptio.manager.broadcast import load_weights_per_node
 from ckptio.manager.components import (
     ComponentFile,
     PendingComponent,
-    load_components,
     manifest_entries,
     take_component_states,
     write_component_states,
@@ -95,12 +92,11 @@ from ckptio.manager.config import CheckpointConfig
 from ckptio.manager.export import save_sharded_model
 from ckptio.manager.failures import on_every_rank, on_rank0
 from ckptio.manager.model_dir import save_model_directory
+from ckptio.manager.restore import restore_state
 from ckptio.manager.sharded import (
     SHARDED_STATE_KEY,
     ShardedState,
     is_sharded_model,
-    load_sharded_state,
-    saved_sharded_keys,
     split_optimizers,
     take_sharded_state,
     write_sharded_state,
@@ -113,7 +109,7 @@ from ckptio.manager.weights import (
 )
 from ckptio.state import StateComponent, StatefulProvider, World, process_groups_of
 from ckptio.state.staging import StateStager
-from ckptio.storage import KnownObjectsStorage, ObjectInfo, Storage, open_storage
+from ckptio.storage import ObjectInfo, Storage, open_storage
 from ckptio.storage.integrity import FileRecord, checksum_bytes
 from ckptio.storage.multipart import DEFAULT_UPLOAD_BUDGET
 from ckptio.storage.transfer import rate_summary, run_both
@@ -657,46 +653,15 @@ class CheckpointManager:
         )
 
         def restore() -> None:
-            storage = self._checkpoint_storage(path)
-            if manifest is not None:  # committed: every rank knows its files from rank 0's manifest
-                storage = KnownObjectsStorage(storage, [ObjectInfo(r.path, r.size, None) for r in manifest.files])
-            model = self._unwrapped_model()
-            components = self._components()
-            sharded_keys = saved_sharded_keys(manifest.metadata) if manifest is not None else None
-            if sharded_keys is not None and manifest is not None:
-                if model is None:
-                    raise InvalidArgumentError(f"cannot load {path!r}: it holds sharded model state; pass the model")
-                optimizers = [c for c in components if c.key in sharded_keys]
-                components = [c for c in components if c.key not in sharded_keys]
-                load_sharded_state(storage, manifest.files, model, optimizers, world)  # a collective: here, first
-                model = None
-            elif model is not None and is_sharded_model(model):
-                raise InvalidArgumentError(
-                    f"cannot load {path!r} into a sharded (DTensor) model: it holds full Hugging Face weights, "
-                    "not sharded state; load it into the unsharded model before sharding it"
-                )
-            if model is not None and self.config.load_broadcast:
-                load_weights_per_node(storage, model, world)  # collectives: on this thread, alone
-                model = None
-
-            def read_weights() -> None:
-                if model is not None:
-                    read_model_weights(storage, model, strict=True)
-
-            def read_components() -> None:
-                if manifest is not None:
-                    load_components(
-                        storage,
-                        components,
-                        world,
-                        manifest,
-                        on_world_size_change=self.config.on_world_size_change,
-                    )
-
-            # On object stores the weights download on a thread of their own (plain tensor copies)
-            # while the components, whose load_state_dict may touch thread-bound state such as the
-            # current CUDA device, load on this thread.
-            run_both(read_weights, read_components, concurrently=storage.is_remote)
+            restore_state(
+                self._checkpoint_storage(path),
+                manifest,
+                self._unwrapped_model(),
+                self._components(),
+                world,
+                load_broadcast=self.config.load_broadcast,
+                on_world_size_change=self.config.on_world_size_change,
+            )
 
         on_every_rank(world, restore, action=f"cannot load {path!r}", safe=safe)
         if manifest is not None:

@@ -76,6 +76,22 @@ def error_for(failures: Sequence[RankFailure], *, action: str, safe: str) -> Ckp
     return CheckpointError(detail)
 
 
+def _exchange(
+    collective: Callable[[Any], T], outcome: Any, failure: RankFailure | None, *, action: str, safe: str
+) -> T:
+    """Exchange this rank's outcome; a rank that died or stopped answering fails it with a ckptio error
+    (this rank's own failure when it has one), never a raw transport error."""
+    try:
+        return collective(outcome)
+    except Exception as exc:  # noqa: BLE001 - the process group's own error (gloo, NCCL, timeout)
+        if failure is not None:
+            raise error_for([failure], action=action, safe=safe) from exc
+        raise CheckpointError(
+            f"{action}: the ranks could not exchange their outcome (a rank died or stopped answering): "
+            f"{type(exc).__name__}: {exc}; {safe}"
+        ) from exc
+
+
 def on_rank0(world: World, fn: Callable[[], T], *, action: str, safe: str) -> T:
     """Run ``fn`` on rank 0 and share its result; if it raised, every rank raises the same error class."""
     if world.world_size == 1:
@@ -86,7 +102,7 @@ def on_rank0(world: World, fn: Callable[[], T], *, action: str, safe: str) -> T:
             outcome = (fn(), None)
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
             outcome = (None, RankFailure.capture(0, exc))
-    result, failure = world.broadcast_object(outcome, src=0)
+    result, failure = _exchange(world.broadcast_object, outcome, outcome[1], action=action, safe=safe)
     if failure is not None:
         raise error_for([failure], action=action, safe=safe)
     return result  # type: ignore[no-any-return]
@@ -108,7 +124,7 @@ def on_every_rank(world: World, fn: Callable[[], T], *, action: str, safe: str, 
         result = fn()
     except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised
         failure = RankFailure.capture(world.rank, exc)
-    gathered = world.all_gather_object((result if share else None, failure))
+    gathered = _exchange(world.all_gather_object, (result if share else None, failure), failure, action=action, safe=safe)
     failures = [f for _, f in gathered if f is not None]
     if failures:
         raise error_for(failures, action=action, safe=safe)

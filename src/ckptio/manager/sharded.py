@@ -19,7 +19,7 @@ the format and the keys of the optimizer components saved with the model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,8 @@ from torch import nn
 
 from ckptio.dcp import StorageReader, StorageWriter
 from ckptio.dcp.layout import FORMAT_NAME
+from ckptio.errors import CkptioError
+from ckptio.manager.failures import RankFailure, error_for
 from ckptio.state import StateComponent, World
 from ckptio.storage import Storage
 from ckptio.storage.integrity import FileRecord
@@ -85,6 +87,21 @@ def take_sharded_state(model: nn.Module, optimizers: Sequence[StateComponent]) -
     return ShardedState(state, tuple(c.key for c in optimizers))
 
 
+def _run_dcp(step: Callable[[], Any], *, action: str, safe: str) -> None:
+    """Run a DCP save or load; its ``CheckpointException`` (a BaseException carrying every failed
+    rank's error, raised on every rank) becomes the ckptio error of the lowest rank that failed with
+    one (else a :class:`~ckptio.errors.CheckpointError` naming the error), the same on every rank."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        step()
+    except CheckpointException as exc:
+        errors = sorted((rank, error) for rank, (error, _) in exc.failures.items())
+        ours = [(rank, error) for rank, error in errors if isinstance(error, CkptioError)]
+        failures = [RankFailure.capture(rank, error) for rank, error in ours or errors]
+        raise error_for(failures, action=action, safe=safe) from None
+
+
 def _process_group(world: World) -> Any:
     return world.collective_group if world.is_distributed else None
 
@@ -99,11 +116,15 @@ def write_sharded_state(storage: Storage, sharded: ShardedState, world: World) -
     from torch.distributed.checkpoint.state_dict_saver import save
 
     writer = StorageWriter(storage, commit=False)
-    save(
-        sharded.state,
-        storage_writer=writer,
-        process_group=_process_group(world),
-        no_dist=not world.is_distributed,
+    _run_dcp(
+        lambda: save(
+            sharded.state,
+            storage_writer=writer,
+            process_group=_process_group(world),
+            no_dist=not world.is_distributed,
+        ),
+        action=f"cannot write the sharded state to {storage.url!r}",
+        safe="nothing was committed",
     )
     return writer.records if world.rank == 0 else []
 
@@ -133,7 +154,13 @@ def load_sharded_state(
 
     target = take_sharded_state(model, optimizers)
     reader = StorageReader(storage, known_files=files)
-    load(target.state, storage_reader=reader, process_group=_process_group(world), no_dist=not world.is_distributed)
+    _run_dcp(
+        lambda: load(
+            target.state, storage_reader=reader, process_group=_process_group(world), no_dist=not world.is_distributed
+        ),
+        action=f"cannot load the sharded state of {storage.url!r}",
+        safe="the model and optimizer may hold part of it: load again before training",
+    )
     set_state_dict(
         model,
         [c.stateful for c in optimizers],  # type: ignore[misc]
