@@ -163,10 +163,10 @@ def test_prune_keeps_newest(backend_url: Any, capsys: pytest.CaptureFixture[str]
     assert names == ["checkpoint-3"]
 
 
-def test_prune_keep_zero_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_prune_keep_zero_is_one_line_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _manager(str(tmp_path), {}).save_checkpoint()
     code, out, err = _run(capsys, {}, "prune", str(tmp_path), "--keep", "0")
-    assert (code, out) == (1, "")
+    assert (code, out) == (2, "")
     assert "--keep" in _one_error_line(err)
     assert (tmp_path / "checkpoints" / "checkpoint-1" / MANIFEST_NAME).exists()
 
@@ -180,8 +180,8 @@ def test_debug_prints_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[st
     "argv",
     [["--storage-options", "{not json", "ls", "x"], ["--storage-options", "[1]", "ls", "x"], ["frobnicate"], []],
 )
-def test_bad_command_lines_are_one_line_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(argv) == 1
+def test_bad_command_lines_are_one_line_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
     _one_error_line(capsys.readouterr().err)
 
 

@@ -116,7 +116,7 @@ def test_export_overwrites_only_when_asked(tmp_path: Path, capsys: pytest.Captur
 @pytest.mark.parametrize("size", ["0", "lots", "-5MB"])
 def test_export_rejects_a_bad_shard_size(size: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path, _ = _checkpoint(str(tmp_path / "run"), {})
-    assert main(["export", path, str(tmp_path / "hf"), f"--max-shard-size={size}"]) == 1
+    assert main(["export", path, str(tmp_path / "hf"), f"--max-shard-size={size}"]) == 2
     assert "--max-shard-size" in _one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "hf").exists()
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ckptio
-import ckptio.cli
+import ckptio.cli.commands
 from ckptio.cli import build_parser, main
 
 #: Fake credentials, distinctive enough that any occurrence in output is a leak.
@@ -54,7 +54,7 @@ def test_global_options_before_the_subcommand_are_kept() -> None:
 
 
 def test_options_after_the_subcommand_reach_the_command(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["ls", str(tmp_path), "--storage-options", "[1]"]) == 1
+    assert main(["ls", str(tmp_path), "--storage-options", "[1]"]) == 2
     assert "--storage-options must be a JSON object, got list" in capsys.readouterr().err
 
 
@@ -77,14 +77,14 @@ SECRET_JSON = json.dumps({"key": FAKE_KEY, "secret": FAKE_SECRET, "token": FAKE_
     ],
 )
 def test_usage_errors_never_echo_storage_options(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(argv) == 1
+    assert main(argv) == 2
     out, err = capsys.readouterr()
     assert "ckptio: error: " in err
     _assert_no_secret(out + err, FAKE_KEY, FAKE_SECRET, FAKE_TOKEN)
 
 
 def test_usage_error_names_the_redacted_option(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["ls", "u", "--dst-storage-options", SECRET_JSON]) == 1
+    assert main(["ls", "u", "--dst-storage-options", SECRET_JSON]) == 2
     assert "--dst-storage-options <redacted>" in capsys.readouterr().err
 
 
@@ -178,10 +178,10 @@ def test_backend_errors_and_logs_are_redacted(
     """A backstop: a credential that a backend puts in its message or log is still not printed."""
 
     def leaky(url: str, *, storage_options: dict[str, Any]) -> list[Any]:
-        ckptio.cli.logger.debug("opening %s with %r", url, storage_options)
+        ckptio.cli.commands.logger.debug("opening %s with %r", url, storage_options)
         raise RuntimeError(f"backend said: {storage_options}")
 
-    monkeypatch.setattr(ckptio.cli, "list_checkpoints", leaky)
+    monkeypatch.setattr(ckptio.cli.commands, "list_checkpoints", leaky)
     options = {"key": FAKE_KEY, "client_kwargs": {"aws_secret_access_key": FAKE_SECRET}, "token": {"t": FAKE_TOKEN}}
     assert main(["ls", str(tmp_path), "--debug", "--storage-options", json.dumps(options)]) == 1
     out, err = capsys.readouterr()

@@ -1,0 +1,7 @@
+"""``python -m ckptio.cli``."""
+
+import sys
+
+from ckptio.cli import main
+
+sys.exit(main())
