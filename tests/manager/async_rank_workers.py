@@ -254,6 +254,9 @@ def save_while_training(
         trainer.step()
         trainer.step()
         snap = trainer.snapshot()
+        # The previous save may still be writing (its thread runs at a lower priority): closing the
+        # gate now would hold its writes while save_checkpoint() waits for it.
+        manager.wait_until_finished()
         gated.gate.close()
         paths.append(manager.save_checkpoint())
         for _ in range(3):  # the background save is in flight, held at its first write on rank 0
