@@ -18,6 +18,7 @@ also inherit the builtin they refine, so callers that already catch
     └── CheckpointError                        a checkpoint cannot be used
         ├── CheckpointNotFoundError (FileNotFoundError)  nothing to resume from
         ├── CheckpointExistsError (FileExistsError)  refusing to overwrite a complete one
+        │   └── ConcurrentSaveError                another saver holds or took this checkpoint
         ├── CorruptCheckpointError (ValueError)    malformed or inconsistent content
         ├── IncompleteCheckpointError (FileNotFoundError)  a file it needs is missing
         ├── StateDictMismatchError (ValueError)    tensors do not fit the module
@@ -45,6 +46,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "CkptioError",
+    "ConcurrentSaveError",
     "CorruptCheckpointError",
     "IncompleteCheckpointError",
     "InjectedFault",
@@ -152,6 +154,10 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 class CheckpointExistsError(CheckpointError, FileExistsError):
     """A complete checkpoint already exists at the target; it is left untouched."""
+
+
+class ConcurrentSaveError(CheckpointExistsError):
+    """Another saver is writing (or took over) the same checkpoint; this save wrote or committed nothing there."""
 
 
 class CorruptCheckpointError(CheckpointError, ValueError):

@@ -32,13 +32,11 @@ passes for a complete one.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import socket
 
+from ckptio.checkpoint.claim import STALE_AFTER_S, SaveClaim, claim_marker, marker_bytes
 from ckptio.checkpoint.layout import IN_PROGRESS_NAME, MANIFEST_NAME
-from ckptio.checkpoint.manifest import CheckpointManifest, utc_timestamp
+from ckptio.checkpoint.manifest import CheckpointManifest
 from ckptio.errors import (
     CheckpointExistsError,
     InvalidArgumentError,
@@ -52,41 +50,43 @@ __all__ = ["begin_checkpoint", "commit_checkpoint", "delete_checkpoint", "is_com
 logger = logging.getLogger(__name__)
 
 
-def _marker_bytes(*, checkpoint_id: int | str | None, world_size: int | None, action: str) -> bytes:
-    marker = {
-        "action": action,
-        "checkpoint_id": checkpoint_id,
-        "world_size": world_size,
-        "started": utc_timestamp(),
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-    }
-    return (json.dumps(marker, indent=2) + "\n").encode()
-
-
-def begin_checkpoint(storage: Storage, *, checkpoint_id: int | str | None, world_size: int) -> None:
-    """Mark a checkpoint directory as being written; call before writing anything else.
+def begin_checkpoint(
+    storage: Storage,
+    *,
+    checkpoint_id: int | str | None,
+    world_size: int,
+    stale_after_s: float = STALE_AFTER_S,
+) -> SaveClaim:
+    """Claim a checkpoint directory for this save; call before writing anything else.
 
     Called once, by global rank 0, and every other rank must wait for it
-    (barrier) before writing. Overwrites a marker left by a crashed save.
+    (barrier) before writing. The marker is created only if absent; a marker
+    left by a save that is no longer running is taken over, one of a live save
+    is never touched (:mod:`ckptio.checkpoint.claim`).
 
     Args:
         storage: the checkpoint directory.
         checkpoint_id: the step number or name of the checkpoint (recorded for humans).
         world_size: the number of ranks that will write (recorded for humans).
+        stale_after_s: how old a marker's heartbeat must be for its save to count as dead.
+
+    Returns:
+        The claim: pass it to :func:`commit_checkpoint`; call its ``keep_alive()``
+        for a save that may take longer than ``stale_after_s``.
 
     Raises:
         InvalidArgumentError: ``world_size`` is below 1.
+        ConcurrentSaveError: another save is writing this directory; nothing was written.
         StorageError: the marker could not be written; nothing else was.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise InvalidArgumentError(f"world_size must be a positive integer, got {world_size!r}")
-    marker = _marker_bytes(checkpoint_id=checkpoint_id, world_size=world_size, action="save")
-    storage.write_bytes(IN_PROGRESS_NAME, marker)
+    claim = claim_marker(storage, checkpoint_id=checkpoint_id, world_size=world_size, stale_after_s=stale_after_s)
     logger.debug("began checkpoint %s", storage.url)
+    return claim
 
 
-def commit_checkpoint(storage: Storage, manifest: CheckpointManifest) -> None:
+def commit_checkpoint(storage: Storage, manifest: CheckpointManifest, claim: SaveClaim | None = None) -> None:
     """Commit a checkpoint: publish its manifest, then remove the in-progress marker.
 
     Call it once, on global rank 0, after every rank has finished writing every
@@ -96,14 +96,33 @@ def commit_checkpoint(storage: Storage, manifest: CheckpointManifest) -> None:
     checkpoint is complete (a leftover marker does not matter).
 
     The manifest is *created*, never overwritten: if another saver committed
-    this directory first, its manifest stays and this commit fails.
+    this directory first, its manifest stays and this commit fails. With the
+    ``claim`` of :func:`begin_checkpoint`, the marker must still hold its token
+    (one read): a save whose directory another saver took over is not
+    committed. The claim is released either way.
 
     Raises:
+        ConcurrentSaveError: another saver took the directory over; nothing was committed.
         CheckpointExistsError: a manifest is already there (another saver
             committed first); it is left untouched.
         StorageError: the manifest could not be written; the checkpoint stays
             incomplete and earlier checkpoints are untouched.
     """
+    try:
+        if claim is not None:
+            claim.verify()
+        _create_manifest(storage, manifest)
+    finally:
+        if claim is not None:
+            claim.release()
+    try:
+        storage.delete(IN_PROGRESS_NAME, missing_ok=True)
+    except StorageError as exc:  # committed already: a leftover marker is harmless
+        logger.warning("checkpoint %s is committed but its in-progress marker remains: %s", storage.url, exc)
+    logger.debug("committed checkpoint %s (%d files)", storage.url, len(manifest.files))
+
+
+def _create_manifest(storage: Storage, manifest: CheckpointManifest) -> None:
     data = manifest.to_bytes()
     try:
         storage.create_exclusive(MANIFEST_NAME, data)
@@ -118,11 +137,6 @@ def commit_checkpoint(storage: Storage, manifest: CheckpointManifest) -> None:
                 f"cannot commit {storage.url!r}: a manifest is already there (another saver committed first); "
                 "it is left untouched and this save is not committed"
             ) from exc
-    try:
-        storage.delete(IN_PROGRESS_NAME, missing_ok=True)
-    except StorageError as exc:  # committed already: a leftover marker is harmless
-        logger.warning("checkpoint %s is committed but its in-progress marker remains: %s", storage.url, exc)
-    logger.debug("committed checkpoint %s (%d files)", storage.url, len(manifest.files))
 
 
 def is_committed(storage: Storage) -> bool:
@@ -141,7 +155,7 @@ def delete_checkpoint(storage: Storage) -> None:
     Raises:
         StorageError: a delete failed; what remains is marked incomplete.
     """
-    storage.write_bytes(IN_PROGRESS_NAME, _marker_bytes(checkpoint_id=None, world_size=None, action="delete"))
+    storage.write_bytes(IN_PROGRESS_NAME, marker_bytes(checkpoint_id=None, world_size=None, action="delete"))
     storage.delete(MANIFEST_NAME, missing_ok=True)
     others = [key for key in storage.walk("") if key not in (IN_PROGRESS_NAME, MANIFEST_NAME)]
     storage.delete_many(others)  # one batch request per 1,000 objects on S3 and GCS

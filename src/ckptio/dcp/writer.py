@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.storage import StorageWriter as _DCPStorageWri
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from ckptio.checkpoint.claim import SaveClaim
 from ckptio.checkpoint.commit import begin_checkpoint, commit_checkpoint, is_committed
 from ckptio.checkpoint.layout import MANIFEST_NAME
 from ckptio.checkpoint.manifest import CheckpointManifest, utc_timestamp
@@ -182,6 +183,7 @@ class StorageWriter(CheckpointTarget, _DCPStorageWriter):
     ) -> None:
         super().__init__(path, storage_options)
         self._commit = commit
+        self._claim: SaveClaim | None = None  # the coordinator's claim on the directory
         self.records: list[FileRecord] = []
         if files_per_rank is not None and (
             isinstance(files_per_rank, bool) or not isinstance(files_per_rank, int) or files_per_rank < 1
@@ -217,7 +219,7 @@ class StorageWriter(CheckpointTarget, _DCPStorageWriter):
                 "save to a new directory, or delete that checkpoint first"
             )
         if self._commit:
-            begin_checkpoint(self._storage, checkpoint_id=None, world_size=len(plans))
+            self._claim = begin_checkpoint(self._storage, checkpoint_id=None, world_size=len(plans)).keep_alive()
         world = len(plans)
         return [dataclasses.replace(plan, storage_data=RankAssignment(rank, world)) for rank, plan in enumerate(plans)]
 
@@ -276,4 +278,4 @@ class StorageWriter(CheckpointTarget, _DCPStorageWriter):
             files=self.records,
             metadata={"format": FORMAT_NAME, "dcp_metadata": METADATA_NAME, "dcp_version": metadata.version},
         )
-        commit_checkpoint(self._storage, manifest)
+        commit_checkpoint(self._storage, manifest, self._claim)

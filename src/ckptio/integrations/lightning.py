@@ -241,44 +241,48 @@ class CkptioCheckpointIO(CheckpointIO):
                 "CheckpointIO); it is left as it is: remove it or save under another name"
             )
         current = _state_record(folder, _inspect(folder, objects))
-        if current is None:
-            begin_checkpoint(folder, checkpoint_id=name, world_size=1)
-            # A manifest of an incomplete checkpoint must go before a new file could match it.
-            folder.delete(MANIFEST_NAME, missing_ok=True)
-        state_file = STATE_FILES[1] if current is not None and current[1] == STATE_FILES[0] else STATE_FILES[0]
-        try:
-            record = save_component_state(folder, state_file, checkpoint)
-        except InvalidArgumentError:  # refused before writing: leave the path as it was
-            if not objects:
-                folder.delete_prefix("")
-            raise
-        manifest = CheckpointManifest(
-            checkpoint_path=".",
-            world_size=1,
-            timestamp=utc_timestamp(),
-            components={
-                COMPONENT_KEY: ComponentManifest(
-                    key=COMPONENT_KEY,
-                    sharing_pattern="global",
-                    ranks=[0],
-                    size_bytes=record.size,
-                    checksum=record.crc32c,
-                    files=[state_file],
-                )
-            },
-            checkpoint_id=name,
-            files=[record],
-            metadata={
-                "writer": _WRITER,
-                "global_step": _json_int(checkpoint.get("global_step")),
-                "epoch": _json_int(checkpoint.get("epoch")),
-                "lightning_version": str(checkpoint.get("pytorch-lightning_version", "")),
-            },
-        )
-        if current is None:
-            commit_checkpoint(folder, manifest)
-        else:
-            write_manifest(folder, manifest)  # one atomic replace: the old checkpoint until now, the new one after
+        claim = begin_checkpoint(folder, checkpoint_id=name, world_size=1) if current is None else None
+        try:  # a claim is held from the marker to the commit, even if this process dies in between
+            if current is None:
+                # A manifest of an incomplete checkpoint must go before a new file could match it.
+                folder.delete(MANIFEST_NAME, missing_ok=True)
+            state_file = STATE_FILES[1] if current is not None and current[1] == STATE_FILES[0] else STATE_FILES[0]
+            try:
+                record = save_component_state(folder, state_file, checkpoint)
+            except InvalidArgumentError:  # refused before writing: leave the path as it was
+                if not objects:
+                    folder.delete_prefix("")
+                raise
+            manifest = CheckpointManifest(
+                checkpoint_path=".",
+                world_size=1,
+                timestamp=utc_timestamp(),
+                components={
+                    COMPONENT_KEY: ComponentManifest(
+                        key=COMPONENT_KEY,
+                        sharing_pattern="global",
+                        ranks=[0],
+                        size_bytes=record.size,
+                        checksum=record.crc32c,
+                        files=[state_file],
+                    )
+                },
+                checkpoint_id=name,
+                files=[record],
+                metadata={
+                    "writer": _WRITER,
+                    "global_step": _json_int(checkpoint.get("global_step")),
+                    "epoch": _json_int(checkpoint.get("epoch")),
+                    "lightning_version": str(checkpoint.get("pytorch-lightning_version", "")),
+                },
+            )
+            if claim is not None:
+                commit_checkpoint(folder, manifest, claim)
+            else:
+                write_manifest(folder, manifest)  # one atomic replace: the old checkpoint until now, the new one after
+        finally:
+            if claim is not None:
+                claim.release()
         # The superseded state file, a crashed save's leftovers, a marker an interrupted removal left
         # next to the manifest (a fresh save's own marker went with its commit).
         keep = {MANIFEST_NAME, state_file} if current is not None else {MANIFEST_NAME, IN_PROGRESS_NAME, state_file}

@@ -136,23 +136,26 @@ def _upload_checkpoint(local_dir: str, storage: Storage, name: str, *, step: int
     if dst.list_objects(""):
         logger.warning("replacing %s: the Trainer wrote a new %s", dst.url, name)
         delete_checkpoint(dst)
-    begin_checkpoint(dst, checkpoint_id=step, world_size=world_size)
-    keys = [k for k in copy_order(src.walk("")) if k != MANIFEST_NAME]
-    records = map_concurrently(
-        lambda key: _upload_file(src, dst, key),
-        keys,
-        workers=dst.concurrency(_FILE_CONCURRENCY),
-        thread_name="ckptio-upload",
-    )
-    manifest = CheckpointManifest(
-        checkpoint_path=checkpoint_key(name),
-        world_size=world_size,
-        timestamp=utc_timestamp(),
-        checkpoint_id=step,
-        files=records,
-        metadata={"written_by": "transformers.Trainer", "transformers_version": transformers.__version__},
-    )
-    commit_checkpoint(dst, manifest)
+    claim = begin_checkpoint(dst, checkpoint_id=step, world_size=world_size).keep_alive()
+    try:
+        keys = [k for k in copy_order(src.walk("")) if k != MANIFEST_NAME]
+        records = map_concurrently(
+            lambda key: _upload_file(src, dst, key),
+            keys,
+            workers=dst.concurrency(_FILE_CONCURRENCY),
+            thread_name="ckptio-upload",
+        )
+        manifest = CheckpointManifest(
+            checkpoint_path=checkpoint_key(name),
+            world_size=world_size,
+            timestamp=utc_timestamp(),
+            checkpoint_id=step,
+            files=records,
+            metadata={"written_by": "transformers.Trainer", "transformers_version": transformers.__version__},
+        )
+        commit_checkpoint(dst, manifest, claim)
+    finally:
+        claim.release()
     logger.info("committed %s (%d files, %d bytes)", dst.url, len(records), manifest.total_size)
 
 

@@ -67,6 +67,8 @@ from ckptio.checkpoint import (
     verify_checkpoint,
 )
 from ckptio.checkpoint.best import BestEntry, infer_greater_is_better, rank_best
+from ckptio.checkpoint.claim import SaveClaim, refuse_if_claimed
+from ckptio.checkpoint.layout import IN_PROGRESS_NAME
 from ckptio.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -401,7 +403,33 @@ class CheckpointManager:
         path = plan.path
         storage = self._checkpoint_storage(path)
         action = f"cannot save {path!r}"
-        on_rank0(world, lambda: self._begin(storage, path, world, plan.target_objects), action=action, safe=_SAVE_SAFE)
+        claims: list[SaveClaim] = []  # rank 0's claim on the directory, held until the commit
+        on_rank0(
+            world,
+            lambda: claims.append(self._begin(storage, path, world, plan.target_objects)),
+            action=action,
+            safe=_SAVE_SAFE,
+        )
+        try:
+            self._write_files_and_commit(world, plan, ledger, take_state, started, storage, claims, blocked=blocked)
+        finally:
+            for claim in claims:
+                claim.release()
+
+    def _write_files_and_commit(
+        self,
+        world: World,
+        plan: _SavePlan,
+        ledger: _Ledger,
+        take_state: Callable[[], _SaveState],
+        started: float,
+        storage: Storage,
+        claims: list[SaveClaim],
+        *,
+        blocked: float | None,
+    ) -> None:
+        path = plan.path
+        action = f"cannot save {path!r}"
 
         def write() -> _Outcome:
             state = take_state()
@@ -448,7 +476,7 @@ class CheckpointManager:
                 files=sorted(files, key=lambda r: r.path),
                 metadata=self._manifest_metadata(ledger, outcomes[0]),
             )
-            commit_checkpoint(storage, manifest)
+            commit_checkpoint(storage, manifest, claims[0])
             rotated = self._rotate(path, manifest, plan.entries, ledger.preserved)
             return sum(r.size for r in files), rotated
 
@@ -502,13 +530,18 @@ class CheckpointManager:
         entries = scan.entries if scan is not None else None
         return _SavePlan(path=path, entries=entries, target_objects=target_objects, weights=weights)
 
-    def _begin(self, storage: Storage, path: str, world: World, objects: tuple[ObjectInfo, ...] | None) -> None:
+    def _begin(
+        self, storage: Storage, path: str, world: World, objects: tuple[ObjectInfo, ...] | None
+    ) -> SaveClaim:
+        """Claim the target: refuse a complete checkpoint or a live save there, clear a dead save's leftovers."""
         inspection = inspect_checkpoint(storage, objects=objects)
         status = inspection.status
         if status is CheckpointStatus.COMPLETE:
             raise CheckpointExistsError(
                 f"cannot save to {path!r}: a complete checkpoint is already there; it is left untouched"
             )
+        if IN_PROGRESS_NAME in inspection.objects:
+            refuse_if_claimed(storage)
         if status is CheckpointStatus.INCOMPLETE:
             logger.warning("removing incomplete leftovers of an interrupted save at %s", path)
             storage.delete_prefix("")
@@ -519,7 +552,8 @@ class CheckpointManager:
             )
         name = location_name(path)
         number = parse_checkpoint_id(name)
-        begin_checkpoint(storage, checkpoint_id=name if number is None else number, world_size=world.world_size)
+        claim = begin_checkpoint(storage, checkpoint_id=name if number is None else number, world_size=world.world_size)
+        return claim.keep_alive()
 
     def _write_weights(
         self, storage: Storage, weights: Mapping[str, torch.Tensor], sharing: list[list[str]] | None
