@@ -275,6 +275,18 @@ class ManagedProcess:
                 )
             time.sleep(0.1)
 
+    def signal(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the whole process group (SIGSTOP / SIGCONT to freeze and thaw it)."""
+        if self._proc is not None:
+            _signal_group(self._proc, sig)
+
+    def kill_keeping_files(self) -> None:
+        """SIGKILL the process group, as a crash would; its directory (data, log) stays."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+
     def stop(self) -> None:
         """Terminate, then kill, the process group; remove the temporary directory."""
         proc, self._proc = self._proc, None
@@ -493,6 +505,38 @@ class SeaweedS3Server(S3Service):
             raise
         self.startup_seconds = time.monotonic() - began
 
+    def _spawn_env(self) -> dict[str, str]:
+        return dict(os.environ, AWS_ACCESS_KEY_ID=self.key, AWS_SECRET_ACCESS_KEY=self.secret)
+
+    def kill(self) -> None:
+        """SIGKILL the server mid-flight (for fault tests); its data directory and ports stay reserved."""
+        if self.process is not None:
+            self.process.kill_keeping_files()
+
+    def restart(self) -> None:
+        """Start the server again after :meth:`kill`: same data directory, same ports."""
+        process = self.process
+        if process is None:
+            raise RuntimeError("restart() needs a server started by start() and stopped by kill()")
+        for sock in (process.tmpdir / "s3.sock", process.tmpdir / "filer.sock"):
+            sock.unlink(missing_ok=True)
+        for port in self.ports.values():
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
+        process.spawn(self.command(process.tmpdir / "data"), env=self._spawn_env())
+        process.wait_until(lambda: _port_answers(self.ports["s3"]), self.timeout, "S3 port after restart")
+        process.wait_until(self.bucket_works, self.timeout, f"bucket {self.bucket!r} after restart")
+
+    def pause(self) -> None:
+        """SIGSTOP every process of the server: connections stay open, nothing answers."""
+        if self.process is not None:
+            self.process.signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT the server after :meth:`pause`."""
+        if self.process is not None:
+            self.process.signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """Stop the server, remove its data and any unix sockets it left in /tmp."""
         process, self.process = self.process, None
@@ -632,6 +676,48 @@ class FakeGCSServer(GCSService):
         process, self.process = self.process, None
         if process is not None:
             process.stop()
+
+
+class PersistentFakeGCSServer(FakeGCSServer):
+    """``fake-gcs-server`` with its filesystem backend (objects survive a restart), for fault tests.
+
+    Only for private instances: :meth:`kill` and :meth:`restart` keep the data
+    directory and the port.
+    """
+
+    name = "fake-gcs-server-fs"
+
+    def command(self) -> list[str]:
+        """The command line with ``-backend filesystem`` rooted in the server's own directory."""
+        argv = super().command()
+        backend = argv.index("-backend")
+        argv[backend + 1] = "filesystem"
+        root = self.process.tmpdir / "data" if self.process is not None else Path("data")
+        return [*argv, "-filesystem-root", str(root)]
+
+    def kill(self) -> None:
+        """SIGKILL the server mid-flight; its data directory and port stay."""
+        if self.process is not None:
+            self.process.kill_keeping_files()
+
+    def restart(self) -> None:
+        """Start the server again after :meth:`kill`: same data directory, same port."""
+        process = self.process
+        if process is None:
+            raise RuntimeError("restart() needs a server started by start() and stopped by kill()")
+        process.spawn(self.command())
+        process.wait_until(self.api_answers, self.timeout, "JSON API after restart")
+        process.wait_until(self.bucket_exists, self.timeout, f"bucket {self.bucket!r} after restart")
+
+    def pause(self) -> None:
+        """SIGSTOP the server: connections stay open, nothing answers."""
+        if self.process is not None:
+            self.process.signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT the server after :meth:`pause`."""
+        if self.process is not None:
+            self.process.signal(signal.SIGCONT)
 
 
 # --------------------------------------------------------------------------- factories

@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from ckptio import CheckpointConfig, CheckpointManager, ConcurrentSaveError
-from ckptio.checkpoint import CheckpointManifest, begin_checkpoint, commit_checkpoint, utc_timestamp
+from ckptio.checkpoint import (
+    CheckpointManifest,
+    begin_checkpoint,
+    commit_checkpoint,
+    utc_timestamp,
+)
 from ckptio.checkpoint.claim import STALE_AFTER_S, live_marker_owner, marker_bytes
 from ckptio.checkpoint.layout import IN_PROGRESS_NAME, MANIFEST_NAME, checkpoint_key
 from ckptio.storage import Storage

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 from manager_helpers import TinyTrainer, manager_for, same_state, state_of
+from reliability_figures import record
 
 from ckptio.errors import TransientStorageError
 from ckptio.storage import (
@@ -17,7 +18,7 @@ from ckptio.storage import (
 
 #: Retries without sleeping; ten attempts make a 10% fault rate practically never exhaust them.
 NO_DELAY = RetryPolicy(max_attempts=10, base_delay=0.0, max_delay=0.0, deadline=60)
-ROUNDS = 50
+ROUNDS = 100
 
 
 def _retry_messages(records: list[logging.LogRecord]) -> list[str]:
@@ -54,6 +55,9 @@ def test_saves_and_loads_survive_transient_faults_on_every_operation(backend_url
     # Every injected fault was retried once, at the layer that owns the operation.
     assert retries == faulty.transient_faults
     assert len(_retry_messages(caplog.records)) == retries
+    record(
+        "transient faults at 10%", backend=backend_url.name, rounds=ROUNDS, faults=faulty.transient_faults, retries=retries
+    )
 
 
 def test_faults_outlasting_the_policy_surface_as_a_transient_storage_error(backend_url) -> None:
@@ -61,7 +65,8 @@ def test_faults_outlasting_the_policy_surface_as_a_transient_storage_error(backe
     faulty = FaultInjectingStorage(real, transient_rate=0.9, seed=5)
     trainer = TinyTrainer()
     policy = RetryPolicy(max_attempts=2, base_delay=0.0, max_delay=0.0)
-    manager = manager_for(trainer, backend_url, storage=faulty, retry=policy)
+    # Without the write probe, whose requests would meet the faults first (at construction).
+    manager = manager_for(trainer, backend_url, storage=faulty, retry=policy, write_probe=False)
     with pytest.raises(TransientStorageError, match="still failing after 2 attempts") as caught:
         manager.save_checkpoint()
     assert backend_url.url.rstrip("/") in str(caught.value)

@@ -114,6 +114,7 @@ from ckptio.state.staging import StateStager
 from ckptio.storage import ObjectInfo, Storage, open_storage
 from ckptio.storage.integrity import FileRecord, checksum_bytes
 from ckptio.storage.multipart import DEFAULT_UPLOAD_BUDGET
+from ckptio.storage.probe import probe_writable
 from ckptio.storage.transfer import rate_summary, run_both
 from ckptio.storage.wrapper import with_retries
 
@@ -213,6 +214,18 @@ class CheckpointManager:
         # and a margin for the training step's own allocations.
         reserve = _STAGING_MARGIN + (DEFAULT_UPLOAD_BUDGET.limit if self.storage.is_remote else 0)
         self._stager = StateStager(reserve=reserve)
+        if config.write_probe and self.storage.is_remote:
+            self._probe_output_dir()
+
+    def _probe_output_dir(self) -> None:
+        """Rank 0 writes and deletes one small object in ``output_dir`` (:func:`probe_writable`), so
+        bad credentials or a missing bucket fail now, on every rank, before training starts."""
+        on_rank0(
+            self._world(),
+            lambda: probe_writable(self.storage),
+            action=f"cannot use {self.storage.url!r} as output_dir",
+            safe="nothing was written",
+        )
 
     # -- lifecycle -----------------------------------------------------------
     def wait_until_finished(self) -> None:

@@ -65,6 +65,15 @@ class CheckpointConfig:
         retry: how transient storage failures (timeouts, 5xx, throttling,
             injected transient faults) are retried, on every operation of a
             save or a load (None: the storage's own policy, else the default).
+        write_probe: on an object store (S3, GCS, any remote fsspec backend), rank 0
+            reads (expecting nothing), creates and deletes one empty object ``.ckptio-tmp-write-probe-<uuid>``
+            in ``output_dir`` when the manager is constructed (three requests, once),
+            so wrong credentials or a missing bucket fail before training starts,
+            on every rank. Set False to load from a location you cannot write.
+            Local disk and ``memory://`` are not probed.
+
+    A request that gets no answer fails after the storage option ``stall_timeout_s``
+    (default 120 s; see :mod:`ckptio.storage.stall`) instead of hanging the save.
     """
 
     output_dir: str
@@ -79,6 +88,7 @@ class CheckpointConfig:
     retry: RetryPolicy | None = None
     async_save: bool = False
     async_timeout_s: float = 1800.0
+    write_probe: bool = True
 
     def __post_init__(self) -> None:
         if self.save_total_limit is not None and self.save_total_limit < 1:

@@ -9,10 +9,15 @@ temporary file and upload it in one step on commit.
 Listings bypass fsspec's directory cache (``use_listings_cache=False``, plus
 an explicit invalidation before each listing), so a file written or deleted by
 another process is seen at once.
+
+Every request to an asynchronous filesystem (S3, GCS) is bounded by the stall
+timeout (:mod:`ckptio.storage.stall`): a server that stops answering fails the
+request instead of hanging it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import datetime as _dt
 import logging
@@ -23,7 +28,7 @@ from typing import IO, Any, TypeVar
 
 import fsspec
 
-from ckptio.errors import ObjectExistsError, ObjectNotFoundError
+from ckptio.errors import ObjectExistsError, ObjectNotFoundError, StorageError
 from ckptio.storage.base import (
     ObjectInfo,
     Storage,
@@ -34,6 +39,12 @@ from ckptio.storage.base import (
 from ckptio.storage.multipart import ParallelUploadWriter, PartSink
 from ckptio.storage.object_uploads import default_part_size, part_sink_for
 from ckptio.storage.retry import RetryPolicy, missing_bucket_error, translate_error
+from ckptio.storage.stall import (
+    DEFAULT_STALL_TIMEOUT_S,
+    StallGuardSink,
+    bounded,
+    request_limit,
+)
 
 __all__ = ["FsspecStorage"]
 
@@ -114,6 +125,7 @@ class FsspecStorage(Storage):
         protocol: str,
         block_size: int | None = None,
         retry: RetryPolicy | None = None,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     ) -> None:
         self.fs = fs
         self.protocol = protocol
@@ -122,6 +134,8 @@ class FsspecStorage(Storage):
         self.block_size = block_size or default_part_size(protocol)
         #: Retries of one upload part (a whole-object retry would resend every part).
         self.part_retry = retry or RetryPolicy()
+        #: Longest a request may go without an answer (see :mod:`ckptio.storage.stall`).
+        self.stall_timeout_s = stall_timeout_s
 
     @property
     def url(self) -> str:
@@ -141,6 +155,18 @@ class FsspecStorage(Storage):
         except Exception as exc:  # noqa: BLE001 - the one place backend errors are translated
             raise translate_error(exc, self.url_of(key), action) from exc
 
+    def _op(self, key: str, action: str, method: str, *args: Any, nbytes: int | None = 0, **kwargs: Any) -> Any:
+        """``fs.<method>(*args, **kwargs)``; on an asynchronous filesystem its coroutine runs bounded by
+        :func:`~ckptio.storage.stall.request_limit` for ``nbytes`` (None: a read of unknown size, bounded
+        by the client's read timeout alone)."""
+        if not getattr(self.fs, "async_impl", False) or nbytes is None:
+            return getattr(self.fs, method)(*args, **kwargs)
+        request = getattr(self.fs, f"_{method}")(*args, **kwargs)
+        limit = request_limit(self.stall_timeout_s, nbytes)
+        cancel = action != "delete"  # a delete goes on after its caller stops waiting (see bounded)
+        guarded = bounded(request, limit=limit, url=self.url_of(key), action=action, cancel=cancel)
+        return asyncio.run_coroutine_threadsafe(guarded, self.fs.loop).result()
+
     def _raise_if_no_bucket(self, exc: FileNotFoundError, key: str) -> None:
         """A missing prefix lists as empty; a missing bucket is an error (never retried)."""
         missing = missing_bucket_error(exc, self.url_of(key), "list")
@@ -149,13 +175,19 @@ class FsspecStorage(Storage):
 
     def child(self, key: str) -> FsspecStorage:
         return FsspecStorage(
-            self.fs, self._path(key), protocol=self.protocol, block_size=self.block_size, retry=self.part_retry
+            self.fs,
+            self._path(key),
+            protocol=self.protocol,
+            block_size=self.block_size,
+            retry=self.part_retry,
+            stall_timeout_s=self.stall_timeout_s,
         )
 
     # -- writing -----------------------------------------------------------
     def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
         payload = bytes(data)
-        self._call(key, "write", lambda: self.fs.pipe_file(self._path(key), payload))
+        path = self._path(key)
+        self._call(key, "write", lambda: self._op(key, "write", "pipe_file", path, payload, nbytes=len(payload)))
 
     def open_writer(self, key: str) -> StreamWriter:
         sink = self.part_sink(key)
@@ -172,7 +204,8 @@ class FsspecStorage(Storage):
 
     def part_sink(self, key: str) -> PartSink | None:
         """How this backend uploads ``key`` in concurrent parts; None when it cannot."""
-        return part_sink_for(self.protocol, self.fs, self._path(key))
+        sink = part_sink_for(self.protocol, self.fs, self._path(key))
+        return None if sink is None else StallGuardSink(sink, self.url_of(key), self.stall_timeout_s)
 
     def create_exclusive(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -185,13 +218,13 @@ class FsspecStorage(Storage):
                     self.fs.pipe_file(path, data)
             else:
                 try:
-                    self.fs.pipe_file(path, data, mode="create")
-                except FileExistsError:
+                    self._op(key, "create", "pipe_file", path, data, mode="create", nbytes=len(data))
+                except (FileExistsError, StorageError):
                     raise
                 except Exception:
                     # Some S3 servers answer 412 in a form s3fs does not map to
                     # FileExistsError: if the object is there now, ours was refused.
-                    if self.fs.exists(path):
+                    if self._op(key, "create", "exists", path):
                         raise FileExistsError(path) from None
                     raise
 
@@ -207,7 +240,12 @@ class FsspecStorage(Storage):
         path = self._path(key)
         if start is not None and end is not None and end <= start:
             return b""
-        return self._call(key, "read", lambda: bytes(self.fs.cat_file(path, start=start, end=end)))
+        size = None if start is None or end is None else end - start
+
+        def read() -> bytes:
+            return bytes(self._op(key, "read", "cat_file", path, start=start, end=end, nbytes=size))
+
+        return self._call(key, "read", read)
 
     def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> builtins.list[bytes]:
         if not ranges:
@@ -217,7 +255,8 @@ class FsspecStorage(Storage):
         ends = [e for _, e in ranges]
 
         def read() -> builtins.list[bytes]:
-            chunks = self.fs.cat_ranges([path] * len(ranges), starts, ends, on_error="raise")
+            size = sum(e - s for s, e in ranges)
+            chunks = self._op(key, "read", "cat_ranges", [path] * len(ranges), starts, ends, on_error="raise", nbytes=size)
             for chunk in chunks:
                 if isinstance(chunk, BaseException):
                     raise chunk
@@ -228,17 +267,17 @@ class FsspecStorage(Storage):
     def exists(self, key: str) -> bool:
         path = self._path(key)
         self.fs.invalidate_cache(path)
-        return bool(self._call(key, "check", lambda: self.fs.exists(path)))
+        return bool(self._call(key, "check", lambda: self._op(key, "check", "exists", path)))
 
     def is_file(self, key: str) -> bool:
         path = self._path(key)
         self.fs.invalidate_cache(path)
-        return bool(self._call(key, "check", lambda: self.fs.isfile(path)))
+        return bool(self._call(key, "check", lambda: self._op(key, "check", "isfile", path)))
 
     def info(self, key: str) -> ObjectInfo:
         path = self._path(key)
         self.fs.invalidate_cache(path)
-        details = self._call(key, "stat", lambda: self.fs.info(path))
+        details = self._call(key, "stat", lambda: self._op(key, "stat", "info", path))
         if details.get("type") == "directory":
             raise ObjectNotFoundError(2, f"cannot stat {self.url_of(key)!r}: not an object")
         return _object_info(normalize_key(key), details)
@@ -249,7 +288,7 @@ class FsspecStorage(Storage):
 
         def ls() -> builtins.list[str]:
             try:
-                entries = self.fs.ls(path, detail=False, refresh=True)
+                entries = self._op(prefix, "list", "ls", path, detail=False, refresh=True)
             except FileNotFoundError as exc:
                 self._raise_if_no_bucket(exc, prefix)
                 return []
@@ -274,7 +313,7 @@ class FsspecStorage(Storage):
         def find() -> builtins.list[ObjectInfo]:
             try:
                 # One recursive (delimiter-free) paginated listing; its entries carry sizes and times.
-                found = self.fs.find(path, withdirs=False, detail=True)
+                found = self._op(prefix, "list", "find", path, withdirs=False, detail=True)
             except FileNotFoundError as exc:
                 self._raise_if_no_bucket(exc, prefix)
                 return []
@@ -294,10 +333,10 @@ class FsspecStorage(Storage):
 
         def rm() -> None:
             # Object stores delete missing keys silently: check first when the caller cares.
-            if not missing_ok and not self.fs.exists(path):
+            if not missing_ok and not self._op(key, "delete", "exists", path):
                 raise FileNotFoundError(path)
             try:
-                self.fs.rm_file(path)
+                self._op(key, "delete", "rm_file", path)
             except FileNotFoundError:
                 if not missing_ok:
                     raise
@@ -313,7 +352,7 @@ class FsspecStorage(Storage):
         def rm() -> None:
             # s3fs and gcsfs send a list to their batch delete (up to 1,000 keys per request).
             try:
-                self.fs.rm(paths)
+                self._op(keys[0], "delete", "rm", paths)
             except FileNotFoundError:
                 pass
             for path in paths:

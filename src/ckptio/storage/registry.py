@@ -47,7 +47,8 @@ def open_storage(
         url_or_path: a local directory or a URL such as ``s3://bucket/run``.
         retry: retry policy for transient backend errors (object stores).
         block_size: part size of streaming uploads on object stores.
-        **storage_options: options for the fsspec filesystem.
+        **storage_options: options for the fsspec filesystem, plus ``stall_timeout_s``: how long
+            a request may go without an answer before it fails (:mod:`ckptio.storage.stall`).
 
     Raises:
         MissingDependencyError: the backend package is not installed; names the extra.
@@ -70,11 +71,14 @@ def open_storage(
         raise InvalidArgumentError(f"cannot open {url!r}: unknown protocol {protocol!r}") from exc
 
     from ckptio.storage.fsspec_backend import FsspecStorage
+    from ckptio.storage.stall import client_timeouts, pop_stall_timeout
 
-    fs = cls(**_filesystem_options(protocol, storage_options))
+    options = dict(storage_options)
+    stall = pop_stall_timeout(options)
+    fs = cls(**client_timeouts(protocol, _filesystem_options(protocol, options), stall))
     root = cls._strip_protocol(url)
     policy = retry or RetryPolicy()
-    backend = FsspecStorage(fs, root, protocol=protocol, block_size=block_size, retry=policy)
+    backend = FsspecStorage(fs, root, protocol=protocol, block_size=block_size, retry=policy, stall_timeout_s=stall)
     return RetryingStorage(backend, policy)
 
 
