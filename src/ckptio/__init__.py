@@ -68,7 +68,13 @@ from ckptio.state import (
     TrainingProgress,
     ValidationLevel,
 )
-from ckptio.storage import FaultInjectingStorage, Storage, open_storage
+from ckptio.storage import (
+    FaultInjectingStorage,
+    ProgressCallback,
+    ProgressEvent,
+    Storage,
+    open_storage,
+)
 
 __all__ = [
     "SAFE_WEIGHTS_INDEX_NAME",
@@ -95,6 +101,8 @@ __all__ = [
     "MissingComponentWarning",
     "MissingDependencyError",
     "ObjectNotFoundError",
+    "ProgressCallback",
+    "ProgressEvent",
     "RNGState",
     "SharingPattern",
     "StateComponent",

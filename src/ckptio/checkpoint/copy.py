@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from ckptio.errors import (
 )
 from ckptio.storage import ObjectInfo, RetryingStorage, Storage, resolve_storage
 from ckptio.storage.integrity import Crc32c, checksum_bytes
+from ckptio.storage.progress import ProgressCallback, ProgressEvent
 from ckptio.storage.retry import call_with_retries
 from ckptio.storage.transfer import map_concurrently
 from ckptio.storage.wrapper import retry_policy_of
@@ -80,6 +82,32 @@ class CopyProgress(Protocol):
     def start(self, total_bytes: int) -> None: ...
 
     def advance(self, nbytes: int) -> None: ...
+
+
+class _CallbackProgress:
+    """A :class:`CopyProgress` that tells a :data:`~ckptio.storage.ProgressCallback` the bytes copied so far."""
+
+    def __init__(self, callback: ProgressCallback, url: str) -> None:
+        self.callback, self.url = callback, url
+        self.total: int | None = None
+        self.done = 0
+        self._lock = threading.Lock()
+
+    def start(self, total_bytes: int) -> None:
+        self.total = total_bytes
+
+    def advance(self, nbytes: int) -> None:
+        if nbytes <= 0:
+            return
+        with self._lock:
+            self.done += nbytes
+            self.callback(ProgressEvent("copy", self.url, self.done, self.total))
+
+
+def _as_copy_progress(progress: CopyProgress | ProgressCallback | None, url: str) -> CopyProgress | None:
+    if progress is None or hasattr(progress, "advance"):
+        return progress  # type: ignore[return-value]
+    return _CallbackProgress(progress, url)
 
 
 @dataclass(frozen=True)
@@ -362,7 +390,7 @@ def copy_checkpoint(
     storage_options: dict[str, Any] | None = None,
     dst_storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
-    progress: CopyProgress | None = None,
+    progress: CopyProgress | ProgressCallback | None = None,
     server_side: bool = True,
 ) -> CopyResult:
     """Copy a complete checkpoint (or model directory) to ``dst``, manifest last; resume an interrupted copy.
@@ -376,7 +404,9 @@ def copy_checkpoint(
         dst_storage_options: fsspec options for ``dst``.
         overwrite: replace what ``dst`` holds (needed unless ``dst`` is empty or
             holds an interrupted copy of this same checkpoint with no manifest yet).
-        progress: told the bytes to move, then each chunk moved.
+        progress: a :data:`~ckptio.storage.ProgressCallback`, told the bytes copied so far
+            (operation ``"copy"``, the total to copy, manifest included); or a
+            :class:`CopyProgress`, told the total, then each chunk moved.
         server_side: let the store copy objects itself when both ends are on it.
 
     Raises:
@@ -391,6 +421,7 @@ def copy_checkpoint(
     source = resolve_storage(src, storage_options)
     target = resolve_storage(dst, storage_options if dst_storage_options is None else dst_storage_options)
     _check_apart(source, target)
+    progress = _as_copy_progress(progress, target.url)
     job = _CopyJob(source, target, progress, server_side)
     existing = job.claim(overwrite)
     protected = _protected(target, existing, job.manifest_bytes is not None)

@@ -1,4 +1,4 @@
-"""The commands that move bytes, ``cp`` and ``export``, and their progress bars.
+"""The commands that move bytes, ``cp``, ``export`` and ``convert``, and their progress bars.
 
 A progress bar (tqdm, from ``ckptio[all]``, imported only when one is shown)
 goes to stderr when stderr is a terminal; ``--progress`` forces one,
@@ -20,10 +20,11 @@ from ckptio.checkpoint.copy import copy_checkpoint
 from ckptio.cli.output import format_size
 from ckptio.errors import CkptioError
 from ckptio.format import weight_files
+from ckptio.manager.convert import convert_checkpoint
 from ckptio.manager.export import export_checkpoint
-from ckptio.storage import CountingStorage, Storage, open_storage
+from ckptio.storage import CountingStorage, ProgressEvent, Storage, open_storage
 
-__all__ = ["ProgressBar", "cmd_cp", "cmd_export", "progress_bar", "show_progress"]
+__all__ = ["ProgressBar", "cmd_convert", "cmd_cp", "cmd_export", "progress_bar", "show_progress"]
 
 logger = logging.getLogger(__name__)
 
@@ -160,4 +161,40 @@ def cmd_export(args: argparse.Namespace, options: dict[str, Any]) -> int:
         if bar is not None:
             bar.finish()
     print(f"exported {len(records)} files ({format_size(sum(r.size for r in records))}) to {args.dst}")
+    return 0
+
+
+class _BarCallback:
+    """A :data:`~ckptio.storage.ProgressCallback` advancing a :class:`ProgressBar` by each event's new bytes."""
+
+    def __init__(self, bar: ProgressBar) -> None:
+        self.bar = bar
+        self.done = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        with self._lock:
+            delta, self.done = event.bytes_done - self.done, max(self.done, event.bytes_done)
+        if delta > 0:
+            self.bar.advance(delta)
+
+
+def cmd_convert(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    """Write the weights of a checkpoint or model directory to a new directory as safetensors or ``.bin``."""
+    with progress_bar(show_progress(args.progress), "convert") as bar:
+        if bar is not None:
+            bar.start(_weights_size(open_storage(args.path, **options)))
+        records = convert_checkpoint(
+            args.path,
+            args.dst,
+            to=args.to,
+            storage_options=options,
+            dst_storage_options=_dst_options(args, options),
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            progress=_BarCallback(bar) if bar is not None else None,
+        )
+        if bar is not None:
+            bar.finish()
+    print(f"converted {len(records)} files ({format_size(sum(r.size for r in records))}) to {args.dst} ({args.to})")
     return 0

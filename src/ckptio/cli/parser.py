@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 
 from ckptio._version import __version__
 from ckptio.cli.commands import cmd_inspect, cmd_latest, cmd_ls, cmd_prune, cmd_verify
-from ckptio.cli.copy import cmd_cp, cmd_export
+from ckptio.cli.copy import cmd_convert, cmd_cp, cmd_export
 from ckptio.cli.redact import redact, secret_values
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "UsageError", "build_parser", "parse_size", "parse_storage_options"]
@@ -191,4 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dst-storage-options", metavar="JSON", help="fsspec options for DST (default: --storage-options)")
     _add_progress(p)
     p.set_defaults(func=cmd_export)
+    convert_help = "write the model weights of a checkpoint or model directory to DST as safetensors or .bin shards"
+    p = sub.add_parser("convert", help=convert_help, description=convert_help, parents=[common])
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("dst", metavar="DST")
+    p.add_argument("--to", required=True, metavar="{safetensors,bin}", help="the format to write")
+    p.add_argument(
+        "--max-shard-size", type=parse_size, default=2**31, metavar="SIZE", help="largest shard (default 2GiB)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="write into a DST that already holds files")
+    p.add_argument("--dst-storage-options", metavar="JSON", help="fsspec options for DST (default: --storage-options)")
+    _add_progress(p)
+    p.set_defaults(func=cmd_convert)
     return parser

@@ -94,6 +94,7 @@ from ckptio.manager.config import CheckpointConfig
 from ckptio.manager.export import save_sharded_model
 from ckptio.manager.failures import on_every_rank, on_rank0
 from ckptio.manager.model_dir import save_model_directory
+from ckptio.manager.progress import with_progress
 from ckptio.manager.restore import restore_state
 from ckptio.manager.sharded import (
     SHARDED_STATE_KEY,
@@ -298,12 +299,12 @@ class CheckpointManager:
             return self.storage.url_of(checkpoint_key(text))
         return text
 
-    def _checkpoint_storage(self, path: str) -> Storage:
-        """The storage of a checkpoint: below the output dir when it is there, else opened anew."""
+    def _checkpoint_storage(self, path: str, manifest: CheckpointManifest | None = None) -> Storage:
+        """The storage of a checkpoint: below the output dir when it is there, else opened anew; reporting
+        ``config.progress`` of a save's writes, or of a load's reads given the checkpoint's ``manifest``."""
         key = self._key_below_output(path)
-        if key is not None:
-            return self.storage.child(key)
-        return with_retries(self._open(path), self.config.retry)
+        storage = self.storage.child(key) if key is not None else with_retries(self._open(path), self.config.retry)
+        return with_progress(storage, self.config.progress, manifest=manifest)
 
     def _open(self, path: str) -> Storage:
         return open_storage(path, retry=self.config.retry, **(self.config.storage_options or {}))
@@ -701,7 +702,7 @@ class CheckpointManager:
 
         def restore() -> None:
             restore_state(
-                self._checkpoint_storage(path),
+                self._checkpoint_storage(path, manifest),
                 manifest,
                 self._unwrapped_model(),
                 self._components(),

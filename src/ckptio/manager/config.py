@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ckptio.errors import InvalidArgumentError
+from ckptio.storage.progress import ProgressCallback
 from ckptio.storage.retry import RetryPolicy
 
 __all__ = ["CheckpointConfig", "CheckpointInterface"]
@@ -71,6 +72,10 @@ class CheckpointConfig:
             so wrong credentials or a missing bucket fail before training starts,
             on every rank. Set False to load from a location you cannot write.
             Local disk and ``memory://`` are not probed.
+        progress: report the bytes each save writes and each load reads: a
+            callable gets a :class:`~ckptio.storage.ProgressEvent` at every step; True
+            shows a tqdm bar on global rank 0 when tqdm is installed and stderr
+            is a terminal. Default False: nothing.
 
     A request that gets no answer fails after the storage option ``stall_timeout_s``
     (default 120 s; see :mod:`ckptio.storage.stall`) instead of hanging the save.
@@ -89,6 +94,7 @@ class CheckpointConfig:
     async_save: bool = False
     async_timeout_s: float = 1800.0
     write_probe: bool = True
+    progress: bool | ProgressCallback = False
 
     def __post_init__(self) -> None:
         if self.save_total_limit is not None and self.save_total_limit < 1:

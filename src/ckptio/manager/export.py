@@ -64,12 +64,13 @@ from ckptio.errors import (
 )
 from ckptio.format import weight_files
 from ckptio.format.constants import (
-    SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     SAFETENSORS_METADATA,
+    index_name_for,
+    weights_name_for,
 )
 from ckptio.format.index import index_shard_files, read_index
-from ckptio.format.layout import detect_layout
+from ckptio.format.layout import detect_layout, is_weight_file_name
 from ckptio.format.planner import PARAM_SHARING_KEY, alias_names, make_shard_index
 from ckptio.format.ranged_reads import READ_RANGE_SIZE, read_into
 from ckptio.format.reader import _checkpoint_sharing
@@ -91,7 +92,7 @@ from ckptio.format.writer import (
 from ckptio.manager.failures import on_every_rank
 from ckptio.manager.model_dir import _CONFIG_FILES, _config_files
 from ckptio.state import World
-from ckptio.storage import Storage, resolve_storage
+from ckptio.storage import ObjectInfo, Storage, resolve_storage
 from ckptio.storage.integrity import ChecksumWriter, FileRecord, checksum_bytes
 from ckptio.storage.transfer import map_unordered
 
@@ -125,12 +126,13 @@ def _meta(dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
 class _Layout:
     """The directory to write: its index, and each shard's tensors (meta) in the order the shard holds them.
 
-    ``index_name`` is None for a single ``model.safetensors`` (no index then).
+    ``index_name`` is None for a single ``weights_name`` file (no index then).
     """
 
     index: dict[str, Any]
     shards: list[tuple[str, dict[str, torch.Tensor]]]
     index_name: str | None
+    weights_name: str = SAFE_WEIGHTS_NAME
 
     def order(self) -> list[str]:
         """Every tensor name in the order its bytes are written (shard by shard, header order)."""
@@ -149,26 +151,29 @@ def _plan(
     url: str,
     metadata: Mapping[str, Any] | None = None,
     sharing: Sequence[Sequence[str]] | None = None,
+    safetensors: bool = True,
 ) -> _Layout:
-    """Split ``metas`` (name -> meta tensor, in write order) into safetensors shards. Pure.
+    """Split ``metas`` (name -> meta tensor, in write order) into safetensors (or ``.bin``) shards. Pure.
 
     Raises:
         InvalidArgumentError: no tensors, a bad ``max_shard_size``, or a dtype safetensors lacks.
     """
     if not metas:
-        raise InvalidArgumentError(f"cannot export to {url!r}: the checkpoint holds no model tensors")
-    for name, meta in metas.items():
-        check_writable(name, torch.empty((0,), dtype=meta.dtype), url)  # the dtype check, without data
+        raise InvalidArgumentError(f"cannot write a model to {url!r}: the checkpoint holds no model tensors")
+    if safetensors:
+        for name, meta in metas.items():
+            check_writable(name, torch.empty((0,), dtype=meta.dtype), url)  # the dtype check, without data
     index = make_shard_index(
-        [metas], metadata, safetensors=True, max_shard_size=max_shard_size, param_sharing_metadata=sharing
+        [metas], metadata, safetensors=safetensors, max_shard_size=max_shard_size, param_sharing_metadata=sharing
     )
     single = len(index_shard_files(index)) == 1
+    weights_name = weights_name_for(safetensors)
     if single:  # as transformers names it: no index for one shard
-        index["weight_map"] = dict.fromkeys(index["weight_map"], SAFE_WEIGHTS_NAME)
+        index["weight_map"] = dict.fromkeys(index["weight_map"], weights_name)
     shards: dict[str, dict[str, torch.Tensor]] = {}
     for name, file_name in index["weight_map"].items():
         shards.setdefault(file_name, {})[name] = metas[name]
-    return _Layout(index, sorted(shards.items()), None if single else SAFE_WEIGHTS_INDEX_NAME)
+    return _Layout(index, sorted(shards.items()), None if single else index_name_for(safetensors), weights_name)
 
 
 # -- writing ------------------------------------------------------------------
@@ -215,7 +220,7 @@ def _stream_shard(
 def _publish(storage: Storage, layout: _Layout) -> list[FileRecord]:
     """Publish the index (several shards), then remove weight files of an earlier save it does not name."""
     records = [publish_index(storage, layout.index_name, layout.index)] if layout.index_name is not None else []
-    remove_stale_weight_files(storage, layout.index_name or SAFE_WEIGHTS_NAME, layout.index)
+    remove_stale_weight_files(storage, layout.index_name or layout.weights_name, layout.index)
     return records
 
 
@@ -384,12 +389,13 @@ def _batches(runs: Iterator[tuple[int, int, int]]) -> Iterator[list[tuple[int, i
 class _WeightsSource:
     """The tensors of a Hugging Face weights directory (safetensors or ``.bin``), one at a time."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, verb: str = "export") -> None:
         self.storage = storage
+        self.verb = verb
         meta = detect_layout(storage)
         if meta is None:
             raise CheckpointNotFoundError(
-                f"cannot export {storage.url!r}: it holds no model weights (no index, {SAFE_WEIGHTS_NAME!r}, "
+                f"cannot {verb} {storage.url!r}: it holds no model weights (no index, {SAFE_WEIGHTS_NAME!r}, "
                 "pytorch_model.bin or sharded model state); nothing was written"
             )
         self.metadata: dict[str, Any] = {}
@@ -418,7 +424,7 @@ class _WeightsSource:
         absent = sorted(set(wanted) - set(found))
         if absent:
             raise CorruptCheckpointError(
-                f"cannot export: {self.storage.url_of(file_name)!r} does not hold {absent[:10]} although the index "
+                f"cannot {self.verb}: {self.storage.url_of(file_name)!r} does not hold {absent[:10]} although the index "
                 "says it does; nothing was written"
             )
         return wanted
@@ -436,12 +442,26 @@ class _WeightsSource:
                 self.metas[name] = _meta(entries[name].dtype, entries[name].shape)
 
     def _plan_torch(self, files: list[str], weight_map: Mapping[str, str] | None) -> None:
-        """Each ``.bin`` loaded onto the meta device: its pickle is read, never its tensor data."""
+        """Each ``.bin`` loaded onto the meta device (memory-mapped when local): its pickle is read,
+        never its tensor data.
+
+        Unless the index records ``param_sharing``, entries of one local file that view the same
+        memory (tied weights, which ``torch.save`` stores once) become its groups; a remote file's
+        meta tensors do not tell, so its tied entries are written as separate tensors.
+        """
+        groups: list[list[str]] = []
         for file_name in files:
-            loaded = read_torch_file(self.storage, file_name, device="meta")
-            for name in self._names_of(file_name, list(loaded), weight_map):
+            device = "cpu" if self.storage.local_path(file_name) is not None else "meta"  # cpu: mapped, not read
+            loaded = read_torch_file(self.storage, file_name, device=device)
+            position = {name: i for i, name in enumerate(loaded)}
+            names = sorted(self._names_of(file_name, list(loaded), weight_map), key=position.__getitem__)
+            for name in names:  # in the order the file holds them, as safetensors ones are taken
                 self.file_of[name] = file_name
                 self.metas[name] = _meta(loaded[name].dtype, loaded[name].shape)
+            groups += create_sharing_metadata({n: loaded[n] for n in names})
+            del loaded
+        if self.sharing is None and groups:
+            self.sharing = groups
 
     def read(self, name: str) -> torch.Tensor:
         file_name = self.file_of[name]
@@ -458,30 +478,44 @@ class _WeightsSource:
 
 
 # -- export --------------------------------------------------------------------------
-def _check_apart(src: Storage, dst: Storage) -> None:
+def _check_apart(src: Storage, dst: Storage, verb: str = "export") -> None:
     a, b = src.url.rstrip("/") + "/", dst.url.rstrip("/") + "/"
     if a.startswith(b) or b.startswith(a):
-        raise InvalidArgumentError(f"cannot export {src.url!r} into {dst.url!r}: the two overlap; nothing was written")
+        raise InvalidArgumentError(f"cannot {verb} {src.url!r} into {dst.url!r}: the two overlap; nothing was written")
 
 
-def _open_source(storage: Storage) -> tuple[_DcpSource | _WeightsSource, list[str]]:
-    """The checkpoint's model tensors, and its config files; refuses anything not committed."""
+def _other_files(objects: Mapping[str, ObjectInfo]) -> list[str]:
+    """The files at the root of a plain model directory besides its weights (config, tokenizer, ...)."""
+    return sorted(k for k in objects if "/" not in k and not k.startswith(".") and not is_weight_file_name(k))
+
+
+def _open_source(
+    storage: Storage, verb: str = "export", *, all_files: bool = False
+) -> tuple[_DcpSource | _WeightsSource, list[str]]:
+    """The checkpoint's model tensors, and the files to copy with them; refuses anything not committed.
+
+    Those files are the config files (:data:`CONFIG_FILE_NAMES`) the checkpoint holds; with
+    ``all_files``, a plain model directory (no manifest) gives every non-weight file at its root.
+    """
     inspection = inspect_checkpoint(storage)
     why = "; ".join(inspection.problems) or inspection.status.value
     if inspection.status is CheckpointStatus.NOT_A_CHECKPOINT:
         raise CheckpointNotFoundError(
-            f"cannot export {storage.url!r}: it is not a checkpoint ({why}); give a checkpoint directory such as "
-            "<output_dir>/checkpoints/checkpoint-N; nothing was written"
+            f"cannot {verb} {storage.url!r}: it is not a checkpoint ({why}); give a checkpoint directory such as "
+            "<output_dir>/checkpoints/checkpoint-N or a model directory; nothing was written"
         )
     if inspection.status is not CheckpointStatus.COMPLETE:
         raise IncompleteCheckpointError(
-            f"cannot export {storage.url!r}: it is not a committed, complete checkpoint ({why}); nothing was written"
+            f"cannot {verb} {storage.url!r}: it is not a committed, complete checkpoint ({why}); nothing was written"
         )
-    configs = [name for name in CONFIG_FILE_NAMES if name in inspection.objects]
     manifest = inspection.manifest
+    if all_files and manifest is None:
+        configs = _other_files(inspection.objects)
+    else:
+        configs = [name for name in CONFIG_FILE_NAMES if name in inspection.objects]
     if manifest is not None and manifest.file_record(DCP_METADATA_NAME) is not None:
         return _DcpSource(storage, manifest), configs
-    return _WeightsSource(storage), configs
+    return _WeightsSource(storage, verb), configs
 
 
 def _copy_configs(src: Storage, dst: Storage, names: Sequence[str]) -> list[FileRecord]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ckptio.storage.base import ObjectInfo, Storage, StreamWriter, join, normalize_key
 from ckptio.storage.faults import FaultInjectingStorage, InjectedFault, SimulatedCrash
 from ckptio.storage.local import LocalStorage
+from ckptio.storage.progress import ProgressCallback, ProgressEvent, ProgressStorage
 from ckptio.storage.registry import open_storage, resolve_storage, split_url
 from ckptio.storage.retry import RetryPolicy, TransientFault, is_transient
 from ckptio.storage.wrapper import (
@@ -26,6 +27,9 @@ __all__ = [
     "KnownObjectsStorage",
     "LocalStorage",
     "ObjectInfo",
+    "ProgressCallback",
+    "ProgressEvent",
+    "ProgressStorage",
     "RetryPolicy",
     "RetryingStorage",
     "SimulatedCrash",
