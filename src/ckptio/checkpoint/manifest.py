@@ -32,6 +32,7 @@ from ckptio.errors import (
     InvalidArgumentError,
     ObjectNotFoundError,
 )
+from ckptio.format import strict_json
 from ckptio.storage import ObjectInfo, Storage, normalize_key
 from ckptio.storage.integrity import FileRecord
 
@@ -371,23 +372,20 @@ class CheckpointManifest:
                 files=[_file_record(r) for r in files],
                 metadata=obj.get("metadata", {}),
             )
-        except (UnicodeDecodeError, json.JSONDecodeError, InvalidArgumentError) as exc:
+        except ValueError as exc:  # bad JSON or UTF-8, a duplicate key, a wrong field (InvalidArgumentError)
             raise CorruptCheckpointError(
                 f"cannot read manifest {url!r}: {exc}; the checkpoint is not trusted and nothing was changed"
             ) from exc
 
 
-def _reject_constant(name: str) -> float:
-    raise InvalidArgumentError(f"non-finite number {name} is not valid JSON")
-
-
 def strict_json_loads(raw: bytes | str) -> Any:
-    """``json.loads`` that refuses ``NaN`` and ``Infinity`` (which strict JSON does not have).
+    """``json.loads`` that refuses ``NaN``/``Infinity``, duplicate keys and runaway nesting.
 
     Raises:
-        ValueError: malformed JSON, bytes that are not UTF-8, or a non-finite number.
+        ValueError: malformed JSON, bytes that are not UTF-8, a non-finite
+            number, a key given twice in one object, or nesting too deep.
     """
-    return json.loads(raw, parse_constant=_reject_constant)
+    return strict_json.loads(raw)
 
 
 class _ManifestCache:

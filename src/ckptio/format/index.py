@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from ckptio.errors import CorruptCheckpointError
+from ckptio.format import strict_json
 from ckptio.storage import Storage, normalize_key, resolve_storage
 
 __all__ = [
@@ -53,13 +54,13 @@ def parse_index(raw: bytes | str, url: str) -> dict[str, Any]:
     """Parse and validate index JSON read from ``url``.
 
     Raises:
-        CorruptCheckpointError: malformed JSON, a missing or mistyped
-            ``weight_map``, or a shard name outside the directory.
+        CorruptCheckpointError: malformed JSON (a tensor mapped twice included),
+            a missing or mistyped ``weight_map``, or a shard name outside the directory.
     """
     try:
-        index = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"cannot parse index {url!r}: {exc}") from exc
+        index = strict_json.loads(raw)
+    except ValueError as exc:  # malformed, not UTF-8, a key given twice, nested too deep
+        raise CorruptCheckpointError(f"cannot parse index {url!r}: {exc}; the file was not modified") from exc
     if not isinstance(index, dict):
         raise CorruptCheckpointError(f"index {url!r} is not a JSON object")
     weight_map = index.get("weight_map")

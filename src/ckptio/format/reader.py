@@ -218,13 +218,14 @@ def _check_shapes(catalog: _Catalog, targets: Mapping[str, torch.Tensor], loads:
         target = targets[name]
         if entry is None or type(target) not in (torch.Tensor, nn.Parameter):
             continue
+        shard = catalog.storage.url_of(file_name)
         if entry.shape != tuple(target.shape):
-            problems.append(f"{name!r}: checkpoint shape {list(entry.shape)}, module {list(target.shape)}")
+            problems.append(f"{name!r}: checkpoint shape {list(entry.shape)}, module {list(target.shape)} (in {shard})")
         elif (
             entry.dtype.is_floating_point != target.dtype.is_floating_point
             or entry.dtype.is_complex != target.dtype.is_complex
         ):
-            problems.append(f"{name!r}: checkpoint dtype {entry.dtype}, module {target.dtype}")
+            problems.append(f"{name!r}: checkpoint dtype {entry.dtype}, module {target.dtype} (in {shard})")
     if problems:
         raise StateDictMismatchError(
             f"cannot load {catalog.storage.url!r} into the module: {'; '.join(problems[:_SHOW])}; "

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ckptio.errors import CorruptCheckpointError, InvalidArgumentError
+from ckptio.format import strict_json
 from ckptio.format.ranged_reads import RANGE_WORKERS, read_into
 from ckptio.storage import Storage
 from ckptio.storage.integrity import ChecksumWriter, FileRecord
@@ -222,20 +223,25 @@ def _header_length(prefix: bytes, object_size: int, url: str) -> int:
     return int(length)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _parse_entry(name: str, raw: object, data_start: int, url: str) -> HeaderEntry:
     if not isinstance(raw, dict):
         raise _corrupt(url, f"entry {name!r} is not an object")
-    dtype = DTYPES.get(raw.get("dtype"))  # type: ignore[arg-type]
+    dtype_name = raw.get("dtype")
+    dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     shape = raw.get("shape")
     offsets = raw.get("data_offsets")
     if dtype is None:
-        raise _corrupt(url, f"tensor {name!r} has unsupported dtype {raw.get('dtype')!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise _corrupt(url, f"tensor {name!r} has unsupported dtype {dtype_name!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise _corrupt(url, f"tensor {name!r} has invalid shape {shape!r}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
+        or not all(_is_int(o) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise _corrupt(url, f"tensor {name!r} has invalid data_offsets {offsets!r}")
@@ -251,35 +257,57 @@ def _parse_entry(name: str, raw: object, data_start: int, url: str) -> HeaderEnt
     return HeaderEntry(dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
+def _check_layout(entries: Mapping[str, HeaderEntry], data_start: int, url: str) -> int:
+    """Return where the data ends; raise unless the tensors tile the data section without overlap or hole."""
+    position = data_start
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
+        if entry.start < position:
+            raise _corrupt(url, f"tensor {name!r} (data_offsets from {entry.start - data_start}) overlaps another tensor")
+        if entry.start > position:
+            raise _corrupt(
+                url, f"tensor {name!r} starts at data offset {entry.start - data_start}, leaving a hole after "
+                f"{position - data_start}"
+            )
+        position = entry.end
+    return position
+
+
+def _metadata(raw: object, url: str) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise _corrupt(url, "__metadata__ is not an object of strings")
+    return dict(raw)
+
+
 def parse_header(prefix: bytes, object_size: int, url: str) -> SafetensorsHeader:
     """Validate a shard header (``prefix`` holds at least its first ``8 + N`` bytes).
 
     Raises:
-        CorruptCheckpointError: bad length or JSON, unknown dtype, inconsistent
-            offsets, or an object whose size differs from what the header declares.
+        CorruptCheckpointError: bad length or JSON (a duplicate name included), unknown
+            dtype, offsets that overlap, leave holes or disagree with dtype and shape, or
+            an object whose size differs from what the header declares.
     """
     length = _header_length(prefix, object_size, url)
     if len(prefix) < 8 + length:
         raise _corrupt(url, f"header needs {8 + length} bytes, got {len(prefix)}")
     try:
-        raw = json.loads(bytes(prefix[8 : 8 + length]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = strict_json.loads(prefix[8 : 8 + length])
+    except ValueError as exc:
         raise _corrupt(url, f"header is not valid JSON ({exc})") from exc
     if not isinstance(raw, dict):
         raise _corrupt(url, "header is not a JSON object")
-    metadata = raw.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise _corrupt(url, "__metadata__ is not an object")
+    metadata = _metadata(raw.pop("__metadata__", None), url)
     data_start = 8 + length
     entries = {name: _parse_entry(name, value, data_start, url) for name, value in raw.items()}
-    data_end = max((e.end for e in entries.values()), default=data_start)
+    data_end = _check_layout(entries, data_start, url)
     if data_end != object_size:
         state = "truncated" if object_size < data_end else "has trailing bytes"
         raise _corrupt(
             url,
             f"header declares {data_end - data_start} data bytes ({data_end} in all), object has {object_size}; {state}",
         )
-    return SafetensorsHeader(entries, {str(k): str(v) for k, v in metadata.items()}, data_start)
+    return SafetensorsHeader(entries, metadata, data_start)
 
 
 def read_header(storage: Storage, key: str) -> SafetensorsHeader:

@@ -38,7 +38,11 @@ from ckptio.storage.base import (
 )
 from ckptio.storage.multipart import ParallelUploadWriter, PartSink
 from ckptio.storage.object_uploads import default_part_size, part_sink_for
-from ckptio.storage.retry import RetryPolicy, missing_bucket_error, translate_error
+from ckptio.storage.retry import (
+    RetryPolicy,
+    missing_bucket_error,
+    raise_translated,
+)
 from ckptio.storage.stall import (
     DEFAULT_STALL_TIMEOUT_S,
     StallGuardSink,
@@ -153,7 +157,7 @@ class FsspecStorage(Storage):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - the one place backend errors are translated
-            raise translate_error(exc, self.url_of(key), action) from exc
+            raise_translated(exc, self.url_of(key), action)
 
     def _op(self, key: str, action: str, method: str, *args: Any, nbytes: int | None = 0, **kwargs: Any) -> Any:
         """``fs.<method>(*args, **kwargs)``; on an asynchronous filesystem its coroutine runs bounded by

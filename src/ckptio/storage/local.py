@@ -5,6 +5,10 @@ so the rename never crosses filesystems), is flushed and fsynced, renamed over
 the target with ``os.replace`` and made durable by fsyncing the directory. A
 process killed mid-write leaves at most a hidden temporary file, which
 listings skip and :meth:`LocalStorage.delete_prefix` removes.
+
+Reads never leave the root: an object that is a symbolic link (or lies under
+one) resolving outside the root directory is refused, so a checkpoint holding
+a link to ``/etc/passwd`` or to another run cannot make ckptio read it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,12 @@ import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
-from ckptio.errors import ObjectExistsError, ObjectNotFoundError
+from ckptio.errors import (
+    CkptioError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+    StoragePermissionError,
+)
 from ckptio.storage.base import (
     TEMP_PREFIX,
     ObjectInfo,
@@ -27,7 +36,7 @@ from ckptio.storage.base import (
     join,
     normalize_key,
 )
-from ckptio.storage.retry import translate_error
+from ckptio.storage.retry import raise_translated
 
 __all__ = ["LocalStorage", "TEMP_PREFIX"]
 
@@ -98,10 +107,13 @@ class LocalStorage(Storage):
 
     protocol = "file"
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, follow_symlinks: bool = False) -> None:
+        """``follow_symlinks``: also read symbolic links that lead outside ``root`` (a Hugging Face
+        hub cache snapshot links to ``../../blobs``); off by default."""
         if root.startswith("file://"):
             root = root[len("file://") :]
         self._root = os.path.abspath(os.path.expanduser(root))
+        self._follow_symlinks = follow_symlinks
 
     @property
     def url(self) -> str:
@@ -111,14 +123,37 @@ class LocalStorage(Storage):
         key = normalize_key(key)
         return os.path.join(self._root, *key.split("/")) if key else self._root
 
+    def _escapes(self, path: str) -> str | None:
+        """Where ``path`` really leads, if a symbolic link takes it outside the root; else None."""
+        if self._follow_symlinks:
+            return None
+        real = os.path.realpath(path)
+        root = os.path.realpath(self._root)
+        inside = real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+        return None if inside else real
+
+    def _read_path(self, key: str) -> str:
+        """The path to read ``key`` from; refuses a symbolic link that leads outside the root."""
+        path = self._path(key)
+        target = self._escapes(path)
+        if target is not None:
+            raise StoragePermissionError(
+                errno.EACCES,
+                f"refusing to read {self.url_of(key)!r}: it is a symbolic link to {target!r}, "
+                f"outside {self.url!r}; nothing was read or changed (storage option follow_symlinks=True reads it)",
+            )
+        return path
+
     def _do(self, key: str, action: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
+        except CkptioError:
+            raise  # already names the object; ``raise exc from exc`` would make it its own cause
         except OSError as exc:
-            raise translate_error(exc, self.url_of(key), action) from exc
+            raise_translated(exc, self.url_of(key), action)
 
     def child(self, key: str) -> LocalStorage:
-        return LocalStorage(self._path(key))
+        return LocalStorage(self._path(key), follow_symlinks=self._follow_symlinks)
 
     def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
         def write() -> None:
@@ -153,7 +188,7 @@ class LocalStorage(Storage):
         self._do(key, "create", create)
 
     def read_bytes(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
-        path = self._path(key)
+        path = self._read_path(key)
 
         def read() -> bytes:
             with open(path, "rb") as f:
@@ -172,7 +207,7 @@ class LocalStorage(Storage):
         return os.path.isfile(self._path(key))
 
     def info(self, key: str) -> ObjectInfo:
-        path = self._path(key)
+        path = self._read_path(key)
         st = self._do(key, "stat", lambda: os.stat(path))
         if not stat.S_ISREG(st.st_mode):
             raise ObjectNotFoundError(errno.ENOENT, f"cannot stat {self.url_of(key)!r}: not an object")
@@ -218,9 +253,9 @@ class LocalStorage(Storage):
             os.unlink(path)
         except FileNotFoundError as exc:
             if not missing_ok:
-                raise translate_error(exc, self.url_of(key), "delete") from exc
+                raise_translated(exc, self.url_of(key), "delete")
         except OSError as exc:
-            raise translate_error(exc, self.url_of(key), "delete") from exc
+            raise_translated(exc, self.url_of(key), "delete")
 
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix)
@@ -231,4 +266,6 @@ class LocalStorage(Storage):
             self.delete(prefix)
 
     def local_path(self, key: str = "") -> str | None:
-        return self._path(key)
+        """The file of ``key``; None for a symbolic link leading outside the root (reads of it are refused)."""
+        path = self._path(key)
+        return None if self._escapes(path) is not None else path

@@ -42,7 +42,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ckptio.storage.base import StreamWriter
-from ckptio.storage.retry import RetryPolicy, is_transient, translate_error
+from ckptio.storage.retry import (
+    RetryPolicy,
+    is_transient,
+    raise_translated,
+)
 
 __all__ = [
     "DEFAULT_UPLOAD_BUDGET",
@@ -222,7 +226,7 @@ class ParallelUploadWriter(StreamWriter):
             return data.nbytes
         except Exception as exc:
             self.abort()
-            raise translate_error(exc, self.url, "write") from exc
+            raise_translated(exc, self.url, "write")
 
     def _send_buffer(self) -> None:
         """Hand the buffer being filled to the sink as the next part; it is released once stored."""
@@ -261,7 +265,7 @@ class ParallelUploadWriter(StreamWriter):
             self._run(lambda: self._sink.complete(tokens), f"completion of the upload of {self.url}")
         except Exception as exc:
             self._discard()
-            raise translate_error(exc, self.url, "publish") from exc
+            raise_translated(exc, self.url, "publish")
 
     def _abort(self) -> None:
         self._discard()

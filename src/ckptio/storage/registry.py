@@ -49,6 +49,8 @@ def open_storage(
         block_size: part size of streaming uploads on object stores.
         **storage_options: options for the fsspec filesystem, plus ``stall_timeout_s``: how long
             a request may go without an answer before it fails (:mod:`ckptio.storage.stall`).
+            Local paths take one option, ``follow_symlinks`` (default False): read symbolic
+            links that lead outside the opened directory, as a Hugging Face hub cache has.
 
     Raises:
         MissingDependencyError: the backend package is not installed; names the extra.
@@ -57,7 +59,7 @@ def open_storage(
     url = os.fspath(url_or_path)
     protocol, path = split_url(url)
     if protocol in ("file", "local"):
-        return LocalStorage(path)
+        return LocalStorage(path, follow_symlinks=bool(storage_options.get("follow_symlinks", False)))
 
     import fsspec  # local import keeps `import ckptio` light
 

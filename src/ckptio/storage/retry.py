@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from ckptio.errors import (
     BucketNotFoundError,
@@ -162,6 +162,15 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def raise_translated(exc: BaseException, url: str, action: str) -> NoReturn:
+    """Raise :func:`translate_error`'s error for ``exc``, chained to it; a ckptio error as it is
+    (``raise exc from exc`` would make it its own cause, a loop for code that walks causes)."""
+    translated = translate_error(exc, url, action)
+    if translated is exc:
+        raise exc
+    raise translated from exc
+
+
 def translate_error(exc: BaseException, url: str, action: str) -> CkptioError:
     """Map a backend exception to the matching :mod:`ckptio.errors` type, naming ``url``."""
     if isinstance(exc, CkptioError):
@@ -240,7 +249,7 @@ def call_with_retries(
                         f"cannot {action} {url!r}: still failing after {attempt} attempts "
                         f"({type(exc).__name__}: {exc})"
                     ) from exc
-                raise translate_error(exc, url, action) from exc
+                raise_translated(exc, url, action)
             delay = policy.delay(attempt - 1)
             logger.debug("retrying %s %s in %.2fs after %r", action, url, delay, exc)
             if on_retry is not None:

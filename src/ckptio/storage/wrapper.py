@@ -19,7 +19,11 @@ from typing import TypeVar
 
 from ckptio.errors import ObjectNotFoundError
 from ckptio.storage.base import ObjectInfo, Storage, StreamWriter, normalize_key
-from ckptio.storage.retry import RetryPolicy, call_with_retries, translate_error
+from ckptio.storage.retry import (
+    RetryPolicy,
+    call_with_retries,
+    raise_translated,
+)
 
 __all__ = [
     "CountingStorage",
@@ -119,13 +123,13 @@ class _TranslatingWriter(StreamWriter):
         try:
             return self.inner.write(data)
         except Exception as exc:  # noqa: BLE001 - translated, chained
-            raise translate_error(exc, self.url, "write") from exc
+            raise_translated(exc, self.url, "write")
 
     def _commit(self) -> None:
         try:
             self.inner.commit()
         except Exception as exc:  # noqa: BLE001 - translated, chained
-            raise translate_error(exc, self.url, "publish") from exc
+            raise_translated(exc, self.url, "publish")
 
     def _abort(self) -> None:
         self.inner.abort()
