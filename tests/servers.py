@@ -335,9 +335,21 @@ class _Service:
     """Common lifecycle of a storage service: context manager over start()/stop()."""
 
     name = "service"
+    #: The server process, for services this suite starts itself.
+    process: ManagedProcess | None = None
 
     def start(self) -> None:
         """Make the service usable (start it, create the bucket)."""
+
+    def pause(self) -> None:
+        """SIGSTOP every process of the server: connections stay open, nothing answers."""
+        if self.process is not None:
+            self.process.signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT the server after :meth:`pause`."""
+        if self.process is not None:
+            self.process.signal(signal.SIGCONT)
 
     def stop(self) -> None:
         """Release what start() acquired."""
@@ -527,16 +539,6 @@ class SeaweedS3Server(S3Service):
         process.wait_until(lambda: _port_answers(self.ports["s3"]), self.timeout, "S3 port after restart")
         process.wait_until(self.bucket_works, self.timeout, f"bucket {self.bucket!r} after restart")
 
-    def pause(self) -> None:
-        """SIGSTOP every process of the server: connections stay open, nothing answers."""
-        if self.process is not None:
-            self.process.signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """SIGCONT the server after :meth:`pause`."""
-        if self.process is not None:
-            self.process.signal(signal.SIGCONT)
-
     def stop(self) -> None:
         """Stop the server, remove its data and any unix sockets it left in /tmp."""
         process, self.process = self.process, None
@@ -708,16 +710,6 @@ class PersistentFakeGCSServer(FakeGCSServer):
         process.spawn(self.command())
         process.wait_until(self.api_answers, self.timeout, "JSON API after restart")
         process.wait_until(self.bucket_exists, self.timeout, f"bucket {self.bucket!r} after restart")
-
-    def pause(self) -> None:
-        """SIGSTOP the server: connections stay open, nothing answers."""
-        if self.process is not None:
-            self.process.signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """SIGCONT the server after :meth:`pause`."""
-        if self.process is not None:
-            self.process.signal(signal.SIGCONT)
 
 
 # --------------------------------------------------------------------------- factories
