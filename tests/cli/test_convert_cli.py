@@ -78,8 +78,9 @@ def test_convert_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     full = tmp_path / "full"
     full.mkdir()
     (full / "README.md").write_text("mine")
+    assert main(["convert", path, str(tmp_path / "out"), "--to", "onnx"]) == 2  # a usage error
+    assert "'onnx'" in _one_error_line(capsys.readouterr().err)
     cases = [
-        ([path, str(tmp_path / "out"), "--to", "onnx"], "'onnx'"),
         (
             [str(tmp_path / "missing"), str(tmp_path / "out"), "--to", "bin"],
             str(tmp_path / "missing"),

@@ -113,3 +113,16 @@ def test_a_printed_config_does_not_show_its_storage_options() -> None:
 
     config = CheckpointConfig(output_dir="s3://bucket/run", storage_options={"secret": "sekrit-value-123"})
     assert "sekrit-value-123" not in repr(config) and "sekrit-value-123" not in str(config)
+
+
+def test_the_write_probe_of_a_manager_with_a_wrong_secret_holds_no_secret(
+    s3_server: Any, run_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    options = {**s3_server.storage_options, "secret": FAKE_SECRET}
+    config = ckptio.CheckpointConfig(output_dir=run_url, storage_options=options)
+    with pytest.raises(CkptioError, match="write probe") as info:
+        ckptio.CheckpointManager(config, None, model=torch.nn.Linear(2, 2))
+    assert run_url in str(info.value)
+    assert FAKE_SECRET not in _everything_about(info.value)
+    assert FAKE_SECRET not in _ckptio_records(caplog)

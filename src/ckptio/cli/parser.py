@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help=convert_help, description=convert_help, parents=[common])
     p.add_argument("path", metavar="PATH")
     p.add_argument("dst", metavar="DST")
-    p.add_argument("--to", required=True, metavar="{safetensors,bin}", help="the format to write")
+    p.add_argument("--to", required=True, choices=("safetensors", "bin"), help="the format to write")
     p.add_argument(
         "--max-shard-size", type=parse_size, default=2**31, metavar="SIZE", help="largest shard (default 2GiB)"
     )
