@@ -134,7 +134,8 @@ def test_sigkill_during_rotation_never_loses_a_kept_checkpoint(backend_url) -> N
         assert newest >= max(committed), f"kill {kill}: checkpoint-{max(committed)} was committed, latest is {latest}"
         if mode == "pause":  # stopped before an operation: the last commit is exactly what is newest
             assert newest == max(committed), (kill, newest, sorted(committed))
-        committed.add(newest)
+        # A child killed a moment after its stop point ("go") may have committed more than it reported.
+        committed |= numbers
         must_keep = sorted(committed)[-KEEP:]
         assert set(must_keep) <= numbers, f"kill {kill} {stopped_in[-1]}: {must_keep} must be kept, got {sorted(numbers)}"
         assert deleting not in {f"checkpoint-{n}" for n in must_keep}, (kill, deleting, must_keep)

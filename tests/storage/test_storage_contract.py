@@ -174,3 +174,9 @@ def test_local_path_only_on_local_disk(backend_url, storage: Storage) -> None:
             assert f.read() == b"abc"
     else:
         assert path is None
+
+
+def test_an_empty_object_reads_empty_from_its_start(storage: Storage) -> None:
+    storage.write_bytes("empty.json", b"")
+    assert storage.read_bytes("empty.json", 0) == b""
+    assert storage.read_bytes("empty.json") == b""

@@ -52,6 +52,11 @@ from ckptio.storage.stall import (
 
 __all__ = ["FsspecStorage"]
 
+
+def _unsatisfiable_range(exc: BaseException) -> bool:
+    """Whether a backend refused a read because the range starts past the object's end (HTTP 416)."""
+    return getattr(exc, "code", None) == 416 or "range is not satisfiable" in str(exc)
+
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
@@ -247,7 +252,14 @@ class FsspecStorage(Storage):
         size = None if start is None or end is None else end - start
 
         def read() -> bytes:
-            return bytes(self._op(key, "read", "cat_file", path, start=start, end=end, nbytes=size))
+            try:
+                return bytes(self._op(key, "read", "cat_file", path, start=start, end=end, nbytes=size))
+            except Exception as exc:
+                # S3 (InvalidRange) and GCS (416) refuse the range "bytes=0-" of an empty object
+                # instead of answering with no bytes: an empty object read from its start is empty.
+                if start == 0 and end is None and _unsatisfiable_range(exc):
+                    return b""
+                raise
 
         return self._call(key, "read", read)
 

@@ -65,6 +65,9 @@ def client_timeouts(protocol: str, options: dict[str, Any], timeout: float) -> d
         config = dict(options.get("config_kwargs") or {})
         config.setdefault("connect_timeout", timeout)
         config.setdefault("read_timeout", timeout)
+        # ckptio's RetryPolicy retries every request; botocore's own retries would multiply the
+        # wait, and their jitter draws from the global ``random`` that checkpoints save as RNG state.
+        config.setdefault("retries", {"total_max_attempts": 1})
         options["config_kwargs"] = config
     elif protocol in ("gs", "gcs"):
         import aiohttp
