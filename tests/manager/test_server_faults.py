@@ -156,7 +156,26 @@ def private_server(request: pytest.FixtureRequest) -> Iterator[SeaweedS3Server |
         yield server
     finally:
         server.resume()  # a stopped process cannot handle SIGTERM
+        _drain_fsspec_loop()
         server.stop()
+
+
+def _drain_fsspec_loop(timeout: float = 90.0) -> None:
+    """Wait for requests the test left running on fsspec's I/O loop (deletes carry on after their
+    caller stopped waiting) to finish while the server answers again: left behind, their clients'
+    retry backoff would draw from the global ``random`` that later tests save as RNG state."""
+    import asyncio
+
+    from fsspec.asyn import get_loop
+
+    loop = get_loop()
+
+    async def others() -> int:
+        return len(asyncio.all_tasks()) - 1
+
+    deadline = time.monotonic() + timeout
+    while asyncio.run_coroutine_threadsafe(others(), loop).result() and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _url(server: SeaweedS3Server | PersistentFakeGCSServer) -> str:
