@@ -335,7 +335,8 @@ def fail_in_background(
 
     storage: Storage = open_storage(url, **options)
     faulty = FaultInjectingStorage(storage, fail_after_ops=fail_after_ops) if rank == failing_rank else None
-    manager = CheckpointManager(_config(url, options, retry=NO_RETRY), trainer, model=trainer.ddp,
+    # No write probe: its requests would meet the injected fault at construction instead of in the background.
+    manager = CheckpointManager(_config(url, options, retry=NO_RETRY, write_probe=False), trainer, model=trainer.ddp,
                                 storage=faulty or storage)
     trainer.step()
     failed = manager.save_checkpoint()  # returns: the state is staged, the failure comes in the background

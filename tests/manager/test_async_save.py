@@ -123,7 +123,8 @@ def test_a_background_failure_surfaces_once_on_the_next_call(backend_url) -> Non
     first = good.save_checkpoint()
     good.close()
     faulty = FaultInjectingStorage(real, fail_after_ops=3)
-    manager = manager_for(trainer, backend_url, storage=faulty, async_save=True, retry=NO_RETRY)
+    # No write probe: its requests would meet the injected fault at construction instead of in the background.
+    manager = manager_for(trainer, backend_url, storage=faulty, async_save=True, retry=NO_RETRY, write_probe=False)
     failed = manager.save_checkpoint()  # returns: the failure happens in the background
     with pytest.raises(CkptioError) as raised:
         manager.save_checkpoint()
