@@ -46,7 +46,7 @@ HEADLINE = {
     "races": "concurrent save races",
     "data_lost": "data lost",
 }
-#: Keys that say where a check ran; the others are counts.
+#: Keys that say where a check ran; settings end in ``_s`` (seconds); the others are counts.
 WHERE = ("backend", "route", "parser")
 
 
@@ -68,10 +68,12 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[dict[str, int], list[tuple[st
     totals: dict[str, int] = defaultdict(int)
     checks: dict[str, dict[str, Any]] = {}
     for row in rows:
-        check = checks.setdefault(row["check"], {"where": set(), "counts": defaultdict(int)})
+        check = checks.setdefault(row["check"], {"where": set(), "counts": defaultdict(int), "settings": {}})
         for key, value in row.items():
             if key in WHERE:
                 check["where"].add(str(value))
+            elif key.endswith("_s"):
+                check["settings"][key] = value
             elif key not in ("check", "case") and isinstance(value, int):
                 check["counts"][key] += value
                 if key in HEADLINE:
@@ -80,7 +82,7 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[dict[str, int], list[tuple[st
         (
             name,
             ", ".join(sorted(c["where"])) or "-",
-            ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in sorted(c["counts"].items())),
+            ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in sorted({**c["counts"], **c["settings"]}.items())),
         )
         for name, c in sorted(checks.items())
     ]
@@ -89,7 +91,8 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[dict[str, int], list[tuple[st
 
 def render(rows: list[dict[str, Any]]) -> str:
     totals, table = summarize(rows)
-    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    ran = dt.datetime.fromtimestamp(FIGURES.stat().st_mtime, dt.timezone.utc)  # the run, not this rendering
+    when = ran.strftime("%Y-%m-%d %H:%M UTC")
     headline = "; ".join(f"{label}: {totals.get(key, 0)}" for key, label in HEADLINE.items())
     lines = [
         BEGIN,
