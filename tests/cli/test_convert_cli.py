@@ -8,7 +8,11 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load
+from test_export_cli import (  # the exported directory's helpers
+    _one_error_line,
+    _same,
+    _tensors,
+)
 
 import ckptio
 from ckptio.cli import main
@@ -32,26 +36,6 @@ def _bin_tensors(storage: Storage, tmp_path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _st_tensors(storage: Storage) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for name in storage.list(""):
-        if name.endswith(".safetensors"):
-            tensors.update(load(storage.read_bytes(name)))
-    return tensors
-
-
-def _same(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> bool:
-    return expected.keys() == got.keys() and all(
-        expected[k].dtype == got[k].dtype and torch.equal(expected[k], got[k]) for k in expected
-    )
-
-
-def _one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ckptio: error: ") and "Traceback" not in err, err
-    return lines[0]
-
-
 @pytest.mark.parametrize("backend_url", ["local", "s3"], indirect=True)
 def test_convert_to_bin_and_back(backend_url: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     opts = ["--storage-options", json.dumps(backend_url.storage_options)]
@@ -70,7 +54,7 @@ def test_convert_to_bin_and_back(backend_url: Any, tmp_path: Path, capsys: pytes
     assert _same(state, _bin_tensors(bin_storage, tmp_path))
     back_storage = open_storage(back, **backend_url.storage_options)
     assert back_storage.list("") == ["model.safetensors"]
-    assert _same(state, _st_tensors(back_storage))
+    assert _same(state, _tensors(back_storage))
 
 
 def test_convert_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -129,6 +129,16 @@ def _add_global_options(parser: argparse.ArgumentParser, *, default: Any) -> Non
     )
 
 
+def _add_weights_output(p: argparse.ArgumentParser, *, overwrite_help: str) -> None:
+    """The options of a command that writes model weight shards to DST (``export``, ``convert``)."""
+    p.add_argument(
+        "--max-shard-size", type=parse_size, default=2**31, metavar="SIZE", help="largest shard (default 2GiB)"
+    )
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument("--dst-storage-options", metavar="JSON", help="fsspec options for DST (default: --storage-options)")
+    _add_progress(p)
+
+
 def _add_progress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--progress",
@@ -184,23 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("ckpt", metavar="CKPT")
     p.add_argument("dst", metavar="DST")
-    p.add_argument(
-        "--max-shard-size", type=parse_size, default=2**31, metavar="SIZE", help="largest shard (default 2GiB)"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace model weights already at DST")
-    p.add_argument("--dst-storage-options", metavar="JSON", help="fsspec options for DST (default: --storage-options)")
-    _add_progress(p)
+    _add_weights_output(p, overwrite_help="replace model weights already at DST")
     p.set_defaults(func=cmd_export)
     convert_help = "write the model weights of a checkpoint or model directory to DST as safetensors or .bin shards"
     p = sub.add_parser("convert", help=convert_help, description=convert_help, parents=[common])
     p.add_argument("path", metavar="PATH")
     p.add_argument("dst", metavar="DST")
     p.add_argument("--to", required=True, choices=("safetensors", "bin"), help="the format to write")
-    p.add_argument(
-        "--max-shard-size", type=parse_size, default=2**31, metavar="SIZE", help="largest shard (default 2GiB)"
-    )
-    p.add_argument("--overwrite", action="store_true", help="write into a DST that already holds files")
-    p.add_argument("--dst-storage-options", metavar="JSON", help="fsspec options for DST (default: --storage-options)")
-    _add_progress(p)
+    _add_weights_output(p, overwrite_help="write into a DST that already holds files")
     p.set_defaults(func=cmd_convert)
     return parser
